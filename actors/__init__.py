@@ -1,0 +1,1 @@
+"""Per-domain actors: each owns its domain's loads, fill tokens and L1 writes."""

@@ -1,0 +1,340 @@
+"""The read-through actor every domain builds on.
+
+Read path: ``get`` checks L1 directly (no mailbox hop). A miss is a ``Load`` message; the actor keeps one
+in-flight load per key (single-flight in this process) and answers every asker from it. The load runs in an
+owned child task: L2 (Redis) → fleet lease → origin → fill, and reports back with a ``Filled`` message.
+
+Fill tokens: an ``Invalidate`` that reaches the actor while a load of the key is in flight voids that load. The
+loaded value still answers the requests that were waiting for it, but it is never installed in L1, and the
+next request starts a fresh load. In Redis the same guarantee comes from the lease (tiers.l2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import secrets
+import time
+from collections.abc import Awaitable, Iterable, Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from actors.base import Actor, ActorStopped
+from actors.stats import Stats
+from tiers import codec
+from tiers.errors import CacheUnavailable, OriginError
+from tiers.keys import CacheKey, DataType, Namespace, group_for_pattern, group_of, namespace_of
+from tiers.l1 import L1, Entry
+from tiers.l2 import ACQUIRED_FRESH, ACQUIRED_LEASE, L2, fleet_wait_delays
+
+
+class Source(enum.StrEnum):
+    L1 = "L1"
+    L2 = "L2"
+    MISS = "MISS"
+    STALE = "STALE"
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    body: bytes  # JSON answer; b"null" = known not to exist
+    source: Source
+    loaded_at: float  # wall-clock seconds
+
+    @property
+    def negative(self) -> bool:
+        return self.body == codec.NEGATIVE
+
+    def age(self, now: float | None = None) -> int:
+        return max(0, int((now or time.time()) - self.loaded_at))
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    ttl: Mapping[DataType, float]
+    negative_ttl: Mapping[DataType, float]
+    max_stale: Mapping[DataType, float]
+    lease_ttl: float = 5.0  # a fleet lease outlives any origin call
+    lease_wait: float = 1.0  # how long a peer waits for the lease holder's fill before loading itself
+
+    def ttl_for(self, dt: DataType, negative: bool) -> float:
+        if negative:
+            return self.negative_ttl.get(dt, min(5.0, self.ttl[dt]))
+        return self.ttl[dt]
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    key: CacheKey
+
+
+@dataclass(frozen=True, slots=True)
+class Filled:
+    key: str
+    token: int
+    entry: Entry | None  # None: do not install (e.g. stale answer)
+    lookup: Lookup
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    key: str
+    token: int
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidate:
+    keys: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Install:
+    """Put a value this instance just learnt to be true (e.g. trustline-created) into L1."""
+
+    key: CacheKey
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How far an invalidation got."""
+
+    deleted: int  # keys Redis deleted
+    complete: bool  # False: Redis or the bus could not be reached; replayed when it returns
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    value: dict[str, Any] | None  # the stored row, None for a delete that found nothing
+    invalidation: Outcome | None  # None: nothing was written
+
+
+@dataclass(eq=False, slots=True)
+class _Flight:
+    token: int
+    key: CacheKey
+    group: str | None
+    future: asyncio.Future[Lookup] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Mark a shared load's outcome as retrieved even if every asker went away."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class CacheActor(Actor):
+    """Subclasses set ``namespaces`` and implement ``origin(key)`` → body bytes, or None when it does not exist."""
+
+    namespaces: frozenset[Namespace] = frozenset()
+
+    def __init__(self, *, l1: L1, l2: L2 | None, policy: Policy, stats: Stats) -> None:
+        super().__init__()
+        self.l1 = l1
+        self.l2 = l2
+        self.policy = policy
+        self.stats = stats
+        self._flights: dict[str, _Flight] = {}  # key -> the current load
+        self._voided: dict[tuple[str, int], _Flight] = {}  # loads an invalidation overtook
+        self._tokens = 0
+
+    # ------------------------------------------------------------ hot path
+    async def get(self, key: CacheKey) -> Lookup:
+        rendered = key.render()
+        entry = self.l1.get(rendered)
+        if entry is not None:
+            self.stats.inc(key.namespace.data_type, "l1_hits")
+            return Lookup(entry.body, Source.L1, entry.loaded_at)
+        return await self.ask(Load(key))
+
+    # ------------------------------------------------------------ subclass API
+    async def origin(self, key: CacheKey) -> bytes | None:
+        raise NotImplementedError
+
+    def l2_usable(self) -> bool:
+        return self.l2 is not None
+
+    # ------------------------------------------------------------ mailbox
+    def receive(self, msg: Any) -> Any:
+        match msg:
+            case Load(key):
+                return self._on_load(key)
+            case Filled():
+                return self._on_filled(msg)
+            case Failed():
+                return self._on_failed(msg)
+            case Invalidate(keys, patterns):
+                return self._on_invalidate(keys, patterns)
+            case Install(key, body):
+                return self._install(key, body)
+        return self.receive_other(msg)
+
+    def receive_other(self, msg: Any) -> Any:
+        raise TypeError(f"{self.name}: unexpected message {type(msg).__name__}")
+
+    def _on_load(self, key: CacheKey) -> Awaitable[Lookup] | Lookup:
+        rendered = key.render()
+        flight = self._flights.get(rendered)
+        if flight is not None:
+            return flight.future
+        entry = self.l1.get(rendered)  # filled while this message waited in the mailbox
+        if entry is not None:
+            self.stats.inc(key.namespace.data_type, "l1_hits")
+            return Lookup(entry.body, Source.L1, entry.loaded_at)
+        self._tokens += 1
+        flight = _Flight(self._tokens, key, group_of(key))
+        flight.future.add_done_callback(_consume)
+        self._flights[rendered] = flight
+        self.spawn(self._load(flight), name=f"{self.name}:load")
+        return flight.future
+
+    async def _load(self, flight: _Flight) -> None:
+        rendered = flight.key.render()
+        try:
+            lookup, entry = await self._read_through(flight.key, flight.group)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self.tell(Failed(rendered, flight.token, err))
+            return
+        self.tell(Filled(rendered, flight.token, entry, lookup))
+
+    def _on_filled(self, msg: Filled) -> None:
+        flight, current = self._take_flight(msg.key, msg.token)
+        if flight is None:
+            return
+        if current and msg.entry is not None:
+            self.l1.put(msg.key, msg.entry)  # a voided load answers its waiters but never fills L1
+        elif not current:
+            self.stats.inc(flight.key.namespace.data_type, "fills_rejected")
+        if not flight.future.done():
+            flight.future.set_result(msg.lookup)
+
+    def _on_failed(self, msg: Failed) -> None:
+        flight, _ = self._take_flight(msg.key, msg.token)
+        if flight is not None and not flight.future.done():
+            flight.future.set_exception(msg.error)
+
+    def _take_flight(self, key: str, token: int) -> tuple[_Flight | None, bool]:
+        flight = self._flights.get(key)
+        if flight is not None and flight.token == token:
+            del self._flights[key]
+            return flight, True
+        return self._voided.pop((key, token), None), False
+
+    def _on_invalidate(self, keys: Iterable[str], patterns: Iterable[str]) -> int:
+        dropped = self.l1.drop(keys)
+        for k in keys:
+            self._void(k)
+        for p in patterns:
+            group = group_for_pattern(p)
+            if group is not None:
+                dropped += self.l1.drop_group(group)
+                doomed = [k for k, f in self._flights.items() if f.group == group]
+            else:
+                dropped += self.l1.drop_pattern(p)
+                doomed = [k for k in self._flights if fnmatchcase(k, p)]
+            for k in doomed:
+                self._void(k)
+        return dropped
+
+    def _void(self, key: str) -> None:
+        flight = self._flights.pop(key, None)
+        if flight is not None:
+            self._voided[(key, flight.token)] = flight
+
+    def _install(self, key: CacheKey, body: bytes) -> bool:
+        rendered = key.render()
+        self._void(rendered)
+        negative = body == codec.NEGATIVE
+        ttl = self.policy.ttl_for(key.namespace.data_type, negative)
+        return self.l1.put(rendered, Entry(body, time.time(), ttl, group_of(key)))
+
+    def clear_flights(self) -> None:
+        """Void every in-flight load (the L1 gap handler calls this)."""
+        for k in list(self._flights):
+            self._void(k)
+
+    async def on_stopped(self) -> None:
+        for flight in [*self._flights.values(), *self._voided.values()]:
+            if not flight.future.done():
+                flight.future.set_exception(ActorStopped(f"{self.name} stopped"))
+        self._flights.clear()
+        self._voided.clear()
+
+    # ------------------------------------------------------------ the tiers below L1
+    async def _read_through(self, key: CacheKey, group: str | None) -> tuple[Lookup, Entry | None]:
+        rendered = key.render()
+        dt = key.namespace.data_type
+        now_ms = int(time.time() * 1000)
+        stale: codec.Stored | None = None
+        lease: str | None = None
+        l2 = self.l2 if self.l2_usable() else None
+        if l2 is not None:
+            try:
+                stored = await l2.read(rendered)
+                if stored is not None and stored.fresh(now_ms):
+                    return self._l2_hit(key, stored, group)
+                stale = stored
+                token = secrets.token_hex(8)
+                lease_ms = int(self.policy.lease_ttl * 1000)
+                acq = await l2.acquire(rendered, token, lease_ms, group)
+                if acq.status != ACQUIRED_LEASE and acq.status != ACQUIRED_FRESH:
+                    # another instance holds the lease: wait (bounded) for its fill
+                    for delay in fleet_wait_delays(self.policy.lease_wait):
+                        await asyncio.sleep(delay)
+                        acq = await l2.acquire(rendered, token, lease_ms, group)
+                        if acq.status in (ACQUIRED_FRESH, ACQUIRED_LEASE):
+                            break
+                if acq.status == ACQUIRED_FRESH and acq.stored is not None:
+                    return self._l2_hit(key, acq.stored, group)
+                stale = acq.stored or stale
+                lease = token if acq.status == ACQUIRED_LEASE else None
+            except CacheUnavailable:
+                l2 = None  # misses on Redis errors never wait on a lease
+                lease = None
+
+        self.stats.inc(dt, "misses")
+        self.stats.inc(dt, "origin_loads")
+        loaded_at = time.time()
+        try:
+            body = await self.origin(key)
+        except OriginError:
+            self.stats.inc(dt, "load_errors")
+            if stale is not None and self._within_max_stale(dt, stale, loaded_at):
+                self.stats.inc(dt, "stale_served")
+                return Lookup(stale.body, Source.STALE, stale.loaded_at_ms / 1000), None
+            raise
+        if body is None:
+            body = codec.NEGATIVE
+        negative = body == codec.NEGATIVE
+        ttl = self.policy.ttl_for(dt, negative)
+        if l2 is not None and lease is not None:
+            fresh_until = int((loaded_at + ttl) * 1000)
+            px = int((ttl + (0 if negative else self.policy.max_stale.get(dt, 0))) * 1000)
+            try:
+                if not await l2.fill(rendered, lease, codec.pack(body, fresh_until, int(loaded_at * 1000)), px):
+                    self.stats.inc(dt, "fills_rejected")
+            except CacheUnavailable:
+                pass
+        return Lookup(body, Source.MISS, loaded_at), Entry(body, loaded_at, ttl, group)
+
+    def _l2_hit(self, key: CacheKey, stored: codec.Stored, group: str | None) -> tuple[Lookup, Entry]:
+        self.stats.inc(key.namespace.data_type, "l2_hits")
+        remaining = (stored.fresh_until_ms - time.time() * 1000) / 1000
+        loaded_at = stored.loaded_at_ms / 1000
+        return Lookup(stored.body, Source.L2, loaded_at), Entry(stored.body, loaded_at, remaining, group)
+
+    def _within_max_stale(self, dt: DataType, stale: codec.Stored, now: float) -> bool:
+        past_due = now - stale.fresh_until_ms / 1000
+        return past_due <= self.policy.max_stale.get(dt, 0)
+
+    def owns(self, rendered: str) -> bool:
+        ns = namespace_of(rendered)
+        return ns is not None and ns in self.namespaces

@@ -1,0 +1,1 @@
+"""HTTP service, configuration, CLI and the composition root."""

@@ -1,0 +1,235 @@
+"""The composition root: builds pools, tiers, actors and the bus from one frozen Settings object.
+
+Each resource has one cleanup context (aiohttp runs them in order at start-up and in reverse at shutdown);
+every background task is owned here, cancelled and awaited at shutdown. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from actors.cache_actor import CacheActor, Policy
+from actors.fees import FeesActor
+from actors.invalidation import Invalidator
+from actors.rates import RatesActor
+from actors.stats import Stats
+from service import appkeys as K
+from service.config import Settings, redact_url
+from service.embedded import EmbeddedPostgres, EmbeddedRedis
+from service.problems import problem_middleware
+from service.routes import setup_routes
+from tiers import postgres
+from tiers.bus import InvalidationBus
+from tiers.keys import namespace_of
+from tiers.l1 import L1
+from tiers.l2 import RedisCache
+from tiers.redis_pool import ManagedPool
+
+log = logging.getLogger(__name__)
+
+Context = Callable[[web.Application], AsyncIterator[None]]
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[problem_middleware], client_max_size=64 * 1024)
+    app[K.SETTINGS] = settings
+    app[K.LIFECYCLE] = K.Lifecycle()
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, actors_ctx, bus_ctx, lifecycle_ctx])
+    setup_routes(app)
+    return app
+
+
+async def cancel_and_wait(task: asyncio.Task[object]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+# ---------------------------------------------------------------- Postgres
+
+
+async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[K.SETTINGS]
+    embedded = EmbeddedPostgres(s.server.data_dir) if s.postgres.embedded else None
+    dsn = embedded.start() if embedded else s.postgres.url
+    try:
+        pool = await postgres.create_pool(
+            dsn,
+            min_size=s.postgres.min_size,
+            max_size=s.postgres.max_size,
+            command_timeout=s.postgres.command_timeout,
+            connect_timeout=s.postgres.connect_timeout,
+        )
+        try:
+            applied = await postgres.migrate(pool)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            if embedded:
+                await postgres.load_demo_data(pool)
+            app[K.PG_DSN] = dsn
+            app[K.PG_POOL] = pool
+            app[K.PG_ORIGIN] = postgres.PostgresOrigin(pool, acquire_timeout=s.postgres.connect_timeout)
+            yield
+        finally:
+            await pool.close()
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+# ---------------------------------------------------------------- Redis
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[K.SETTINGS].redis
+    if s.disabled:
+        app[K.REDIS] = K.RedisHandles(None, None, None)
+        yield
+        return
+    embedded = EmbeddedRedis(app[K.SETTINGS].server.data_dir) if s.embedded else None
+    url = embedded.start() if embedded else s.url
+    pool = ManagedPool.for_url(
+        url,
+        max_connections=s.max_connections,
+        timeout=s.connection_timeout,  # wait for a free pooled connection at most this long
+        socket_connect_timeout=s.connection_timeout,
+        socket_timeout=s.command_timeout,
+        health_check_interval=s.health_check_interval,
+        min_idle=s.min_idle,
+        max_lifetime=s.max_lifetime,
+        idle_timeout=s.idle_timeout,
+    )
+    client = aioredis.Redis(connection_pool=pool)
+    app[K.REDIS] = K.RedisHandles(url, RedisCache(client, pool), pool)
+    log.info("redis at %s (pool %d, min idle %d)", redact_url(url), s.max_connections, s.min_idle)
+    maintenance = asyncio.create_task(_maintain_pool(pool, s.idle_timeout), name="redis-pool-maintenance")
+    try:
+        yield
+    finally:
+        await cancel_and_wait(maintenance)
+        await client.aclose()
+        await pool.disconnect()
+        if embedded:
+            embedded.stop()
+
+
+async def _maintain_pool(pool: ManagedPool, idle_timeout: float) -> None:
+    """Keep REDIS_MIN_IDLE warm connections and close those idle past REDIS_IDLE_TIMEOUT."""
+    period = max(0.05, min(5.0, idle_timeout / 4))
+    while True:
+        try:
+            await pool.maintain()
+        except (RedisError, OSError, TimeoutError) as err:
+            log.debug("redis pool maintenance: %s", err)
+        await asyncio.sleep(period)  # a periodic job, not a wait for an event
+
+
+# ---------------------------------------------------------------- tiers and actors
+
+
+def build_policy(s: Settings) -> Policy:
+    return Policy(
+        ttl=s.ttl,
+        negative_ttl=s.negative_ttl,
+        max_stale=s.max_stale,
+        lease_ttl=s.coherence.lease_ttl,
+        lease_wait=s.coherence.lease_wait,
+    )
+
+
+async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[K.SETTINGS]
+    stats = Stats()
+    l1 = L1(s.l1.max_entries, s.l1.max_ttl)
+    l2 = app[K.REDIS].cache
+    if l2 is not None:
+        l1.serving = False  # L1 is trusted only once the invalidation subscriber is subscribed
+    invalidator = Invalidator(l2, stats)
+    common = {"l1": l1, "l2": l2, "policy": build_policy(s), "stats": stats}
+    origin = app[K.PG_ORIGIN]
+    rates = RatesActor(origin=origin, invalidator=invalidator, **common)
+    fees = FeesActor(origin=origin, invalidator=invalidator, **common)
+    actors: list[CacheActor] = [rates, fees]
+    for actor in actors:
+        invalidator.register(actor)
+        await actor.start()
+    app[K.STATS], app[K.L1_CACHE], app[K.INVALIDATOR] = stats, l1, invalidator
+    app[K.RATES], app[K.FEES] = rates, fees
+    try:
+        yield
+    finally:
+        for actor in reversed(actors):
+            await actor.stop()
+
+
+# ---------------------------------------------------------------- invalidation bus
+
+
+async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[K.SETTINGS]
+    handles = app[K.REDIS]
+    if handles.cache is None or handles.url is None:
+        yield
+        return
+    l1, invalidator, stats = app[K.L1_CACHE], app[K.INVALIDATOR], app[K.STATS]
+
+    async def on_message(keys: tuple[str, ...], patterns: tuple[str, ...], _msg: dict[str, object]) -> None:
+        for name in (*keys, *patterns):
+            ns = namespace_of(name)
+            if ns is not None:
+                stats.inc(ns.data_type, "invalidations_received")
+        await invalidator.apply_local(keys, patterns)
+
+    async def on_gap() -> None:
+        l1.stop_serving()  # at once: nothing this instance holds can be trusted across the gap
+        for actor in invalidator.actors:
+            actor.clear_flights()
+
+    async def on_subscribed() -> None:
+        for actor in invalidator.actors:
+            actor.clear_flights()  # loads that straddled the gap are not installed
+        l1.resume_serving()
+        await invalidator.replay_pending()
+
+    # the subscriber has its own connection, outside the request pool
+    sub_client = aioredis.Redis.from_url(
+        handles.url,
+        socket_connect_timeout=s.redis.connection_timeout,
+        socket_timeout=None,
+        single_connection_client=False,
+    )
+    bus = InvalidationBus(
+        handles.cache.client,
+        subscriber=sub_client,
+        channel=s.redis.channel,
+        instance_id=s.server.instance_id,
+        on_message=on_message,
+        on_gap=on_gap,
+        on_subscribed=on_subscribed,
+        heartbeat=s.coherence.heartbeat,
+    )
+    invalidator.bus = bus
+    app[K.BUS] = bus
+    task = asyncio.create_task(bus.run(), name="invalidation-subscriber")
+    try:
+        yield
+    finally:
+        invalidator.bus = None
+        await cancel_and_wait(task)
+        await sub_client.aclose()
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+async def lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[K.LIFECYCLE].phase = K.Phase.READY
+    yield
+    app[K.LIFECYCLE].phase = K.Phase.DRAINING

@@ -1,0 +1,57 @@
+"""Every typed application key, in one module."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from actors.fees import FeesActor
+from actors.invalidation import Invalidator
+from actors.rates import RatesActor
+from actors.stats import Stats
+from service.config import Settings
+from tiers.bus import InvalidationBus
+from tiers.l1 import L1
+from tiers.l2 import RedisCache
+from tiers.postgres import PostgresOrigin
+from tiers.redis_pool import ManagedPool
+
+
+class Phase(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+@dataclass
+class Lifecycle:
+    phase: Phase = Phase.STARTING
+    started: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class RedisHandles:
+    """What the Redis resource context built; ``cache`` is None when running without Redis."""
+
+    url: str | None
+    cache: RedisCache | None
+    pool: ManagedPool | None
+
+
+SETTINGS = web.AppKey("settings", Settings)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+PG_DSN = web.AppKey("pg_dsn", str)
+PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
+PG_ORIGIN = web.AppKey("pg_origin", PostgresOrigin)
+REDIS = web.AppKey("redis", RedisHandles)
+L1_CACHE = web.AppKey("l1", L1)
+STATS = web.AppKey("stats", Stats)
+INVALIDATOR = web.AppKey("invalidator", Invalidator)
+RATES = web.AppKey("rates", RatesActor)
+FEES = web.AppKey("fees", FeesActor)
+BUS = web.AppKey("bus", InvalidationBus)
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)

