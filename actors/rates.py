@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
 from actors.cache_actor import CacheActor, Lookup, Outcome, WriteResult
@@ -13,10 +13,12 @@ from tiers.keys import CacheKey, Namespace
 from tiers.postgres import RatesOrigin, decimal_str
 
 STELLAR_QUANTUM = Decimal("0.0000001")  # 7 decimal places
+_EXACT = Context(prec=100)  # wide enough that amount x rate is never rounded before the final quantize
 
 
 def convert(amount: Decimal, rate: Decimal) -> Decimal:
-    return (amount * rate).quantize(STELLAR_QUANTUM, rounding=ROUND_HALF_EVEN)
+    """amount x rate, quantised to Stellar's 7 places with ROUND_HALF_EVEN (never float)."""
+    return _EXACT.multiply(amount, rate).quantize(STELLAR_QUANTUM, rounding=ROUND_HALF_EVEN, context=_EXACT)
 
 
 # ---------------------------------------------------------------- messages

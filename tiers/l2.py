@@ -78,6 +78,13 @@ end
 return n
 """
 
+# KEYS[1]=counter ; ARGV: by, ttl_ms. The TTL is set when the counter is created (Redis 6.2 has no PEXPIRE NX).
+_INCR_TTL = """
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return v
+"""
+
 ACQUIRED_FRESH, ACQUIRED_LEASE, LEASE_TAKEN = 1, 2, 3
 
 
@@ -108,6 +115,7 @@ class RedisCache:
         self._acquire = client.register_script(_ACQUIRE)
         self._fill = client.register_script(_FILL)
         self._invalidate = client.register_script(_INVALIDATE)
+        self._incr_ttl = client.register_script(_INCR_TTL)
 
     @asynccontextmanager
     async def _guard(self, op: str) -> AsyncIterator[None]:
@@ -155,11 +163,7 @@ class RedisCache:
         async with self._guard("INCRBY"):
             if ttl is None:
                 return int(await self.client.incrby(key, by))
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.incrby(key, by)
-                pipe.pexpire(key, int(ttl * 1000), nx=True)
-                value, _ = await pipe.execute()
-                return int(value)
+            return int(await self._incr_ttl(keys=[key], args=[by, int(ttl * 1000)]))
 
     async def decrement(self, key: str, by: int = 1) -> int:
         async with self._guard("DECRBY"):

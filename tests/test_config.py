@@ -1,0 +1,125 @@
+"""Configuration: defaults from config.toml, environment overrides, one clear line on a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from service.config import ConfigError, load_settings
+from tests.conftest import ROOT
+from tiers.keys import DataType
+
+CFG = ROOT / "config.toml"
+
+
+def test_defaults_hold_the_seed_ttl_table():
+    s = load_settings(CFG, {})
+    assert dict(s.ttl) == {
+        DataType.EXCHANGE_RATE: 90,
+        DataType.WALLET_BALANCE: 45,
+        DataType.TRUSTLINE: 3600,
+        DataType.FEE_STRUCTURE: 3600,
+        DataType.USER_SESSION: 1800,
+        DataType.TRANSACTION_STATUS: 300,
+        DataType.RECENT_TRANSACTIONS: 600,
+        DataType.JWT_VALIDATION: 900,
+        DataType.RATE_LIMIT: 60,
+        DataType.BILL_PROVIDER: 1800,
+    }
+    assert s.redis.max_connections == 20 and s.redis.min_idle == 5
+    assert s.redis.connection_timeout == 5 and s.redis.max_lifetime == 300
+    assert s.redis.idle_timeout == 60 and s.redis.health_check_interval == 30
+    assert s.postgres.embedded and s.redis.embedded
+    assert s.horizon.url.startswith("https://horizon-testnet")
+    assert s.server.admin_token == ""
+
+
+def test_environment_overrides():
+    env = {
+        "DATABASE_URL": "postgresql://u:p@db:5432/x",
+        "REDIS_URL": "redis://cache:6380/2",
+        "REDIS_MAX_CONNECTIONS": "7",
+        "REDIS_MIN_IDLE": "3",
+        "REDIS_CONNECTION_TIMEOUT": "1.5",
+        "REDIS_MAX_LIFETIME": "120",
+        "REDIS_IDLE_TIMEOUT": "30",
+        "REDIS_HEALTH_CHECK_INTERVAL": "10",
+        "HORIZON_URL": "https://horizon.stellar.org",
+        "ADMIN_TOKEN": "a-very-secret-token",
+        "HOST": "0.0.0.0",
+        "PORT": "9000",
+        "INSTANCE_ID": "node-a",
+        "OTEL_SERVICE_NAME": "cache",
+    }
+    s = load_settings(CFG, env)
+    assert s.postgres.url == env["DATABASE_URL"] and not s.postgres.embedded
+    assert s.redis.url == env["REDIS_URL"]
+    assert (s.redis.max_connections, s.redis.min_idle) == (7, 3)
+    assert (s.redis.connection_timeout, s.redis.max_lifetime, s.redis.idle_timeout) == (1.5, 120, 30)
+    assert s.redis.health_check_interval == 10
+    assert s.horizon.url == env["HORIZON_URL"]
+    assert s.server.admin_token == env["ADMIN_TOKEN"]
+    assert (s.server.host, s.server.port, s.server.instance_id) == ("0.0.0.0", 9000, "node-a")
+    assert s.otel["OTEL_SERVICE_NAME"] == "cache"
+    assert load_settings(CFG, {"REDIS_URL": "none"}).redis.disabled
+
+
+def test_settings_are_frozen():
+    s = load_settings(CFG, {})
+    with pytest.raises(AttributeError):
+        s.redis.max_connections = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        s.ttl[DataType.EXCHANGE_RATE] = 1  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"REDIS_MAX_CONNECTIONS": "abc"}, "REDIS_MAX_CONNECTIONS"),
+        ({"REDIS_MAX_CONNECTIONS": "0"}, "REDIS_MAX_CONNECTIONS"),
+        ({"REDIS_MIN_IDLE": "-1"}, "REDIS_MIN_IDLE"),
+        ({"REDIS_MIN_IDLE": "50"}, "REDIS_MIN_IDLE"),
+        ({"REDIS_CONNECTION_TIMEOUT": "soon"}, "REDIS_CONNECTION_TIMEOUT"),
+        ({"REDIS_MAX_LIFETIME": "0"}, "REDIS_MAX_LIFETIME"),
+        ({"REDIS_IDLE_TIMEOUT": "nan"}, "REDIS_IDLE_TIMEOUT"),
+        ({"REDIS_HEALTH_CHECK_INTERVAL": "-5"}, "REDIS_HEALTH_CHECK_INTERVAL"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
+        ({"HORIZON_URL": "ftp://x"}, "HORIZON_URL"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"PORT": "http"}, "PORT"),
+        ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN"),
+        ({"INSTANCE_ID": "a b"}, "INSTANCE_ID"),
+    ],
+)
+def test_bad_values_name_the_setting(env, names):
+    with pytest.raises(ConfigError) as err:
+        load_settings(CFG, env)
+    text = str(err.value)
+    assert text.startswith(names) and "\n" not in text
+
+
+def test_bad_config_file(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(CFG.read_text().replace("exchange_rate = 90", "exchange_rate = -1"))
+    with pytest.raises(ConfigError, match=r"^ttl.exchange_rate"):
+        load_settings(p, {})
+    p.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(p, {})
+
+
+def test_cli_prints_one_line_and_exits_2_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--config", str(CFG)],
+        env={"REDIS_MAX_CONNECTIONS": "lots", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "REDIS_MAX_CONNECTIONS" in lines[0] and "Traceback" not in proc.stderr

@@ -1,0 +1,162 @@
+"""L2 against a real Redis: the seed's cache API, the pool settings taking effect, leases and patterns."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import eventually
+from tiers import codec
+from tiers.errors import CacheUnavailable
+from tiers.l2 import ACQUIRED_FRESH, ACQUIRED_LEASE, LEASE_TAKEN, RedisCache
+from tiers.redis_pool import ManagedPool
+
+
+def make_pool(url: str, **kw) -> ManagedPool:
+    opts = dict(
+        max_connections=20, timeout=5, socket_connect_timeout=5, socket_timeout=1, health_check_interval=30,
+        min_idle=0, max_lifetime=300, idle_timeout=60,
+    )
+    opts.update(kw)
+    return ManagedPool.for_url(url, **opts)
+
+
+@pytest.fixture
+async def cache(redis_url, redis_client):
+    pool = make_pool(redis_url)
+    client = aioredis.Redis(connection_pool=pool)
+    yield RedisCache(client, pool, scan_batch=100)
+    await client.aclose()
+    await pool.disconnect()
+
+
+async def test_seed_cache_api(cache: RedisCache):
+    await cache.set("v1:auth:session:s1", b'{"user":1}', ttl=60)
+    assert await cache.get("v1:auth:session:s1") == b'{"user":1}'
+    assert await cache.exists("v1:auth:session:s1")
+    assert 59 < (await cache.ttl("v1:auth:session:s1")) <= 60
+    assert await cache.expire("v1:auth:session:s1", 5)
+    assert (await cache.ttl("v1:auth:session:s1")) <= 5
+    await cache.set_many({"v1:bill:provider:a": b"1", "v1:bill:provider:b": b"2"}, ttl=30)
+    assert await cache.get_many(["v1:bill:provider:a", "v1:bill:provider:x", "v1:bill:provider:b"]) == [
+        b"1", None, b"2"]
+    assert await cache.increment("v1:auth:rate_limit:u:login", ttl=60) == 1
+    assert await cache.increment("v1:auth:rate_limit:u:login", by=4, ttl=60) == 5
+    assert await cache.decrement("v1:auth:rate_limit:u:login") == 4
+    assert (await cache.ttl("v1:auth:rate_limit:u:login")) > 0
+    assert await cache.delete("v1:auth:session:s1", "v1:bill:provider:a") == 2
+    assert not await cache.exists("v1:auth:session:s1")
+    assert await cache.ttl("v1:auth:session:s1") is None
+
+
+async def test_delete_pattern_spans_many_scan_pages_and_spares_the_rest(cache: RedisCache, redis_client):
+    n = 1200  # with COUNT 100: a dozen SCAN pages at least
+    await cache.set_many({f"v1:wallet:balance:G{i:05d}": b"x" for i in range(n)}, ttl=60)
+    await cache.set_many({f"v1:wallet:trustline:G{i:05d}:USDC:GI": b"x" for i in range(50)}, ttl=60)
+    await redis_client.set("v1:wallet:balance:G00001|lease", b"t")
+    deleted = await cache.delete_pattern("v1:wallet:balance:*")
+    assert deleted == n
+    assert await redis_client.keys("v1:wallet:balance:*") == []
+    assert len(await redis_client.keys("v1:wallet:trustline:*")) == 50
+
+
+async def test_lease_fill_is_refused_after_an_invalidation(cache: RedisCache):
+    """The Redis fill race: a reader that loaded v1 must not overwrite the invalidation that came meanwhile."""
+    key = "v1:rate:CNGN:USD"
+    a = await cache.acquire(key, "tokA", 5000)
+    assert a.status == ACQUIRED_LEASE
+    b = await cache.acquire(key, "tokB", 5000)
+    assert b.status == LEASE_TAKEN  # one loader across the fleet
+    # ... reader A loads v1 from the origin; a writer commits v2 and invalidates:
+    await cache.invalidate([key])
+    assert not await cache.fill(key, "tokA", codec.pack(b'"v1"', 2**62, 0), 60_000)
+    assert await cache.get(key) is None
+    # the next reader gets a new lease and fills the new value
+    c = await cache.acquire(key, "tokC", 5000)
+    assert c.status == ACQUIRED_LEASE
+    assert await cache.fill(key, "tokC", codec.pack(b'"v2"', 2**62, 0), 60_000)
+    d = await cache.acquire(key, "tokD", 5000)
+    assert d.status == ACQUIRED_FRESH and d.stored is not None and d.stored.body == b'"v2"'
+
+
+async def test_group_invalidation_reaches_every_member_and_its_lease(cache: RedisCache, redis_client):
+    group = "v1:rate:CNGN:USD|conversions"
+    for amt in ("1", "2", "3"):
+        key = f"v1:rate:convert:{amt}:CNGN:USD"
+        assert (await cache.acquire(key, "t" + amt, 5000, group)).status == ACQUIRED_LEASE
+        if amt != "3":
+            assert await cache.fill(key, "t" + amt, codec.pack(b"{}", 2**62, 0), 60_000)
+    assert await cache.invalidate([], [group]) == 2
+    assert await redis_client.keys("v1:rate:convert:*") == []
+    assert not await cache.fill("v1:rate:convert:3:CNGN:USD", "t3", codec.pack(b"{}", 2**62, 0), 60_000)
+
+
+async def test_pool_bounded_by_max_connections_and_acquire_timeout(redis_url, redis_client):
+    pool = make_pool(redis_url, max_connections=2, timeout=0.2)
+    held = [await pool.get_connection(), await pool.get_connection()]
+    with pytest.raises(Exception, match="No connection available"):
+        await pool.get_connection()
+    for c in held:
+        await pool.release(c)
+    await pool.disconnect()
+
+
+async def test_min_idle_idle_timeout_and_max_lifetime_take_effect(redis_url, redis_client):
+    name = "aframp-pool-test"
+    pool = make_pool(redis_url, min_idle=3, idle_timeout=0.2, max_lifetime=0.5, client_name=name)
+
+    async def clients() -> int:
+        listing = await redis_client.client_list()
+        return sum(1 for c in listing if c.get("name") == name)
+
+    await pool.maintain()
+    assert pool.idle == 3 and await clients() == 3  # REDIS_MIN_IDLE warmed up front
+
+    # REDIS_IDLE_TIMEOUT: idle connections are closed (then topped up again to min_idle, fresh)
+    before = {id(c): c.born for c in pool._available_connections}
+
+    async def recycled() -> bool:
+        await pool.maintain()
+        return pool.recycled >= 3
+
+    await eventually(recycled, timeout=3)
+    assert pool.idle == 3
+    assert all(c.born != before.get(id(c)) for c in pool._available_connections)
+
+    # REDIS_MAX_LIFETIME: a connection in constant use is still closed on release once too old
+    pool.idle_timeout = 3600
+    conn = await pool.get_connection()
+    born = conn.born
+
+    async def aged() -> bool:
+        return conn.born and (asyncio.get_running_loop().time() - born) > 0.6
+
+    await eventually(aged, timeout=3)
+    count = pool.recycled
+    await pool.release(conn)
+    assert pool.recycled == count + 1 and not conn.is_connected
+    await pool.disconnect()
+
+
+async def test_health_check_interval_and_connection_timeout_reach_connections(redis_url):
+    pool = make_pool(redis_url, health_check_interval=7, socket_connect_timeout=1.25)
+    conn = await pool.get_connection()
+    assert conn.health_check_interval == 7
+    assert conn.socket_connect_timeout == 1.25
+    await pool.release(conn)
+    await pool.disconnect()
+
+
+async def test_errors_are_translated_at_the_tier_boundary():
+    pool = ManagedPool.for_url(
+        "redis://127.0.0.1:1", max_connections=2, timeout=0.5, socket_connect_timeout=0.5, min_idle=0,
+        max_lifetime=10, idle_timeout=10,
+    )
+    cache = RedisCache(aioredis.Redis(connection_pool=pool), pool)
+    with pytest.raises(CacheUnavailable):
+        await cache.get("v1:rate:A:B")
+    with pytest.raises(CacheUnavailable):
+        await cache.invalidate(["v1:rate:A:B"])
+    await pool.disconnect()
