@@ -64,6 +64,8 @@ class InvalidationBus:
         self.echoes_skipped = 0
         self.reconnects = 0
         self.gaps = 0
+        self.seq_gaps = 0
+        self._last_seq: dict[str, int] = {}
         self.last_heartbeat_ok = 0.0
         self._pubsub: Any = None
         self.connected_event = asyncio.Event()
@@ -122,6 +124,7 @@ class InvalidationBus:
                 break
             if time.monotonic() >= deadline:
                 raise _HeartbeatLost("no subscribe confirmation")
+        self._last_seq.clear()  # sequences restart being tracked from this subscription on
         self.subscribed = True
         self.connected_event.set()
         await self.on_subscribed()
@@ -155,9 +158,20 @@ class InvalidationBus:
                     self.last_heartbeat_ok = time.time()
                     next_ping = time.monotonic() + self.heartbeat
                 continue
-            if data.get("instance") == self.id:
+            sender = data.get("instance")
+            if sender == self.id:
                 self.echoes_skipped += 1  # applied synchronously before this instance answered the write
                 continue
+            seq = data.get("seq")
+            if isinstance(sender, str) and isinstance(seq, int):
+                last = self._last_seq.get(sender)
+                self._last_seq[sender] = seq
+                if last is not None and seq != last + 1:
+                    # a message from this peer went missing: nothing in L1 can be trusted any more
+                    self.seq_gaps += 1
+                    log.warning("invalidation bus: %s jumped from seq %d to %d; clearing L1", sender, last, seq)
+                    await self.on_gap()
+                    await self.on_subscribed()
             keys = tuple(k for k in data.get("keys", ()) if isinstance(k, str))
             patterns = tuple(p for p in data.get("patterns", ()) if isinstance(p, str))
             self.received += 1
