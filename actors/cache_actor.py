@@ -278,7 +278,9 @@ class CacheActor(Actor):
         l2 = self.l2 if self.l2_usable() else None
         if l2 is not None:
             try:
+                t0 = time.perf_counter()
                 stored = await l2.read(rendered)
+                self.stats.observe(dt, "l2", time.perf_counter() - t0)
                 if stored is not None and stored.fresh(now_ms):
                     return self._l2_hit(key, stored, group)
                 stale = stored
@@ -303,9 +305,12 @@ class CacheActor(Actor):
         self.stats.inc(dt, "misses")
         self.stats.inc(dt, "origin_loads")
         loaded_at = time.time()
+        t0 = time.perf_counter()
         try:
             body = await self.origin(key)
+            self.stats.observe(dt, "origin", time.perf_counter() - t0)
         except OriginError:
+            self.stats.observe(dt, "origin_error", time.perf_counter() - t0)
             self.stats.inc(dt, "load_errors")
             if stale is not None and self._within_max_stale(dt, stale, loaded_at):
                 self.stats.inc(dt, "stale_served")
