@@ -57,6 +57,7 @@ class Policy:
     max_stale: Mapping[DataType, float]
     lease_ttl: float = 5.0  # a fleet lease outlives any origin call
     lease_wait: float = 1.0  # how long a peer waits for the lease holder's fill before loading itself
+    refresh_ahead: float = 0.1  # a hit in the last 10 % of a value's TTL refreshes it in the background
 
     def ttl_for(self, dt: DataType, negative: bool) -> float:
         if negative:
@@ -69,6 +70,13 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class Load:
+    key: CacheKey
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """A hot key is close to expiry: reload it in the background (at most one load across the fleet)."""
+
     key: CacheKey
 
 
@@ -115,11 +123,18 @@ class WriteResult:
     invalidation: Outcome | None  # None: nothing was written
 
 
+@dataclass(frozen=True, slots=True)
+class _L2Miss:
+    stale: codec.Stored | None  # a value past its TTL, kept for stale-if-error
+    lease: str | None  # our lease token when we won the fleet lease
+
+
 @dataclass(eq=False, slots=True)
 class _Flight:
     token: int
     key: CacheKey
     group: str | None
+    refresh: bool = False
     future: asyncio.Future[Lookup] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -143,6 +158,7 @@ class CacheActor(Actor):
         self._flights: dict[str, _Flight] = {}  # key -> the current load
         self._voided: dict[tuple[str, int], _Flight] = {}  # loads an invalidation overtook
         self._tokens = 0
+        self._refreshing: set[str] = set()  # keys with a Refresh asked for and not yet done
 
     # ------------------------------------------------------------ hot path
     async def get(self, key: CacheKey) -> Lookup:
@@ -150,6 +166,10 @@ class CacheActor(Actor):
         entry = self.l1.get(rendered)
         if entry is not None:
             self.stats.inc(key.namespace.data_type, "l1_hits")
+            if entry.refresh_at is not None and rendered not in self._refreshing:
+                if time.monotonic() >= entry.refresh_at:
+                    self._refreshing.add(rendered)
+                    self.tell(Refresh(key))
             return Lookup(entry.body, Source.L1, entry.loaded_at)
         return await self.ask(Load(key))
 
@@ -165,6 +185,8 @@ class CacheActor(Actor):
         match msg:
             case Load(key):
                 return self._on_load(key)
+            case Refresh(key):
+                return self._on_refresh(key)
             case Filled():
                 return self._on_filled(msg)
             case Failed():
@@ -194,10 +216,22 @@ class CacheActor(Actor):
         self.spawn(self._load(flight), name=f"{self.name}:load")
         return flight.future
 
+    def _on_refresh(self, key: CacheKey) -> None:
+        rendered = key.render()
+        if rendered in self._flights:
+            self._refreshing.discard(rendered)
+            return
+        self._tokens += 1
+        flight = _Flight(self._tokens, key, group_of(key), refresh=True)
+        flight.future.add_done_callback(_consume)
+        self._flights[rendered] = flight
+        self.stats.inc(key.namespace.data_type, "refreshes")
+        self.spawn(self._load(flight), name=f"{self.name}:refresh")
+
     async def _load(self, flight: _Flight) -> None:
         rendered = flight.key.render()
         try:
-            lookup, entry = await self._read_through(flight.key, flight.group)
+            lookup, entry = await self._read_through(flight.key, flight.group, flight.refresh)
         except asyncio.CancelledError:
             raise
         except Exception as err:
@@ -222,6 +256,7 @@ class CacheActor(Actor):
             flight.future.set_exception(msg.error)
 
     def _take_flight(self, key: str, token: int) -> tuple[_Flight | None, bool]:
+        self._refreshing.discard(key)
         flight = self._flights.get(key)
         if flight is not None and flight.token == token:
             del self._flights[key]
@@ -254,7 +289,8 @@ class CacheActor(Actor):
         self._void(rendered)
         negative = body == codec.NEGATIVE
         ttl = self.policy.ttl_for(key.namespace.data_type, negative)
-        return self.l1.put(rendered, Entry(body, time.time(), ttl, group_of(key)))
+        now = time.time()
+        return self.l1.put(rendered, self._entry(body, now, ttl, now + ttl, group_of(key)))
 
     def clear_flights(self) -> None:
         """Void every in-flight load (the L1 gap handler calls this)."""
@@ -269,35 +305,25 @@ class CacheActor(Actor):
         self._voided.clear()
 
     # ------------------------------------------------------------ the tiers below L1
-    async def _read_through(self, key: CacheKey, group: str | None) -> tuple[Lookup, Entry | None]:
+    async def _read_through(
+        self, key: CacheKey, group: str | None, refresh: bool = False
+    ) -> tuple[Lookup, Entry | None]:
         rendered = key.render()
         dt = key.namespace.data_type
-        now_ms = int(time.time() * 1000)
         stale: codec.Stored | None = None
         lease: str | None = None
         l2 = self.l2 if self.l2_usable() else None
         if l2 is not None:
             try:
-                t0 = time.perf_counter()
-                stored = await l2.read(rendered)
-                self.stats.observe(dt, "l2", time.perf_counter() - t0)
-                if stored is not None and stored.fresh(now_ms):
-                    return self._l2_hit(key, stored, group)
-                stale = stored
                 token = secrets.token_hex(8)
                 lease_ms = int(self.policy.lease_ttl * 1000)
-                acq = await l2.acquire(rendered, token, lease_ms, group)
-                if acq.status != ACQUIRED_LEASE and acq.status != ACQUIRED_FRESH:
-                    # another instance holds the lease: wait (bounded) for its fill
-                    for delay in fleet_wait_delays(self.policy.lease_wait):
-                        await asyncio.sleep(delay)
-                        acq = await l2.acquire(rendered, token, lease_ms, group)
-                        if acq.status in (ACQUIRED_FRESH, ACQUIRED_LEASE):
-                            break
-                if acq.status == ACQUIRED_FRESH and acq.stored is not None:
-                    return self._l2_hit(key, acq.stored, group)
-                stale = acq.stored or stale
-                lease = token if acq.status == ACQUIRED_LEASE else None
+                if refresh and await l2.try_lease(rendered, token, lease_ms, group):
+                    lease = token  # this instance refreshes the key for the whole fleet
+                else:
+                    lookup = await self._l2_lookup(key, rendered, group, token, lease_ms)
+                    if isinstance(lookup, tuple):
+                        return lookup
+                    stale, lease = lookup.stale, lookup.lease
             except CacheUnavailable:
                 l2 = None  # misses on Redis errors never wait on a lease
                 lease = None
@@ -312,9 +338,9 @@ class CacheActor(Actor):
         except OriginError:
             self.stats.observe(dt, "origin_error", time.perf_counter() - t0)
             self.stats.inc(dt, "load_errors")
-            if stale is not None and self._within_max_stale(dt, stale, loaded_at):
-                self.stats.inc(dt, "stale_served")
-                return Lookup(stale.body, Source.STALE, stale.loaded_at_ms / 1000), None
+            served = self._stale_answer(dt, rendered, stale, loaded_at)
+            if served is not None:
+                return served, None
             raise
         if body is None:
             body = codec.NEGATIVE
@@ -323,22 +349,74 @@ class CacheActor(Actor):
         if l2 is not None and lease is not None:
             fresh_until = int((loaded_at + ttl) * 1000)
             px = int((ttl + (0 if negative else self.policy.max_stale.get(dt, 0))) * 1000)
+            packed = codec.pack(body, fresh_until, int(loaded_at * 1000))
             try:
-                if not await l2.fill(rendered, lease, codec.pack(body, fresh_until, int(loaded_at * 1000)), px):
+                if not await l2.fill(rendered, lease, packed, px):
                     self.stats.inc(dt, "fills_rejected")
             except CacheUnavailable:
                 pass
-        return Lookup(body, Source.MISS, loaded_at), Entry(body, loaded_at, ttl, group)
+        entry = self._entry(body, loaded_at, ttl, loaded_at + ttl, group)
+        return Lookup(body, Source.MISS, loaded_at), entry
+
+    async def _l2_lookup(
+        self, key: CacheKey, rendered: str, group: str | None, token: str, lease_ms: int
+    ) -> tuple[Lookup, Entry] | _L2Miss:
+        """Redis: a fresh value, or the fleet lease (waiting, bounded, while a peer holds it)."""
+        l2 = self.l2
+        assert l2 is not None
+        dt = key.namespace.data_type
+        t0 = time.perf_counter()
+        stored = await l2.read(rendered)
+        self.stats.observe(dt, "l2", time.perf_counter() - t0)
+        if stored is not None and stored.fresh(int(time.time() * 1000)):
+            return self._l2_hit(key, stored, group)
+        acq = await l2.acquire(rendered, token, lease_ms, group)
+        if acq.status not in (ACQUIRED_FRESH, ACQUIRED_LEASE):
+            # another instance holds the lease: wait (bounded) for its fill
+            for delay in fleet_wait_delays(self.policy.lease_wait):
+                await asyncio.sleep(delay)  # polling a peer's fill, with a deadline
+                acq = await l2.acquire(rendered, token, lease_ms, group)
+                if acq.status in (ACQUIRED_FRESH, ACQUIRED_LEASE):
+                    break
+        if acq.status == ACQUIRED_FRESH and acq.stored is not None:
+            return self._l2_hit(key, acq.stored, group)
+        return _L2Miss(acq.stored or stored, token if acq.status == ACQUIRED_LEASE else None)
+
+    def _entry(self, body: bytes, loaded_at: float, ttl: float, fresh_until: float, group: str | None) -> Entry:
+        """An L1 entry; hot positive entries that will live until their logical expiry get a refresh time."""
+        remaining = fresh_until - time.time()
+        lifetime = min(ttl, remaining)
+        refresh_at = None
+        if body != codec.NEGATIVE and remaining <= self.l1.cap:
+            lead = remaining - self.policy.refresh_ahead * ttl
+            if lead > 0:
+                refresh_at = time.monotonic() + lead
+        return Entry(body, loaded_at, lifetime, group, fresh_until, refresh_at)
 
     def _l2_hit(self, key: CacheKey, stored: codec.Stored, group: str | None) -> tuple[Lookup, Entry]:
-        self.stats.inc(key.namespace.data_type, "l2_hits")
-        remaining = (stored.fresh_until_ms - time.time() * 1000) / 1000
+        dt = key.namespace.data_type
+        self.stats.inc(dt, "l2_hits")
         loaded_at = stored.loaded_at_ms / 1000
-        return Lookup(stored.body, Source.L2, loaded_at), Entry(stored.body, loaded_at, remaining, group)
+        fresh_until = stored.fresh_until_ms / 1000
+        ttl = self.policy.ttl_for(dt, stored.negative)
+        entry = self._entry(stored.body, loaded_at, ttl, fresh_until, group)
+        return Lookup(stored.body, Source.L2, loaded_at), entry
 
-    def _within_max_stale(self, dt: DataType, stale: codec.Stored, now: float) -> bool:
-        past_due = now - stale.fresh_until_ms / 1000
-        return past_due <= self.policy.max_stale.get(dt, 0)
+    def _stale_answer(self, dt: DataType, rendered: str, stale: codec.Stored | None, now: float) -> Lookup | None:
+        """Stale-if-error: the newest last-known value within max-stale, from Redis or this instance."""
+        candidates: list[tuple[bytes, float, float]] = []
+        if stale is not None and not stale.negative:
+            candidates.append((stale.body, stale.loaded_at_ms / 1000, stale.fresh_until_ms / 1000))
+        last = self.l1.last_known(rendered)
+        if last is not None and not last.negative:
+            candidates.append((last.body, last.loaded_at, last.fresh_until or last.loaded_at + last.ttl))
+        limit = self.policy.max_stale.get(dt, 0)
+        usable = [c for c in candidates if now - c[2] <= limit]
+        if not usable:
+            return None
+        body, loaded_at, _ = max(usable, key=lambda c: c[1])
+        self.stats.inc(dt, "stale_served")
+        return Lookup(body, Source.STALE, loaded_at)
 
     def owns(self, rendered: str) -> bool:
         ns = namespace_of(rendered)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from cachetools import TLRUCache
+from cachetools import LRUCache, TLRUCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,8 @@ class Entry:
     loaded_at: float  # wall-clock seconds when the origin produced it (for Age)
     ttl: float  # seconds this entry may live in L1
     group: str | None = None  # invalidation group (e.g. all conversions of a pair)
+    fresh_until: float = 0.0  # wall-clock logical expiry (for max-stale)
+    refresh_at: float | None = None  # monotonic time from which a hit triggers a background refresh
 
     @property
     def negative(self) -> bool:
@@ -40,7 +42,10 @@ class L1:
         self.cap = max_ttl  # lowered while degraded
         self._cache: TLRUCache[str, Entry] = TLRUCache(maxsize=max_entries, ttu=_ttu, timer=timer)
         self._groups: dict[str, set[str]] = {}
+        # last-known values for stale-if-error: they outlive expiry and L1 clears, never an invalidation
+        self._last: LRUCache[str, Entry] = LRUCache(maxsize=max_entries)
         self.serving = True
+        self.mode = "normal"
 
     # ---- reads (hot path)
     def get(self, key: str) -> Entry | None:
@@ -63,20 +68,32 @@ class L1:
         if not self.serving or entry.ttl <= 0:
             return False
         if entry.ttl > self.cap:
-            entry = Entry(entry.body, entry.loaded_at, self.cap, entry.group)
+            entry = Entry(entry.body, entry.loaded_at, self.cap, entry.group, entry.fresh_until, None)
         self._cache[key] = entry
+        if not entry.negative:
+            self._last[key] = entry
         if entry.group is not None:
             members = self._groups.setdefault(entry.group, set())
             members.add(key)
-            if len(members) > 2 * self.max_entries:  # evicted members linger; prune
-                members.intersection_update(self._cache.keys())
+            if len(members) > 2 * self.max_entries or len(self._groups) > 2 * self.max_entries:
+                self._prune_groups()
         return True
 
+    def _prune_groups(self) -> None:
+        """Evicted members linger in the group index; drop those no tier of L1 still holds."""
+        live = {*self._cache.keys(), *self._last.keys()}
+        for group in list(self._groups):
+            members = self._groups[group]
+            members.intersection_update(live)
+            if not members:
+                del self._groups[group]
+
     def pop(self, key: str) -> bool:
+        self._last.pop(key, None)
         return self._cache.pop(key, None) is not None
 
     def drop(self, keys: Iterable[str]) -> int:
-        return sum(1 for k in keys if self._cache.pop(k, None) is not None)
+        return sum(1 for k in keys if self.pop(k))
 
     def drop_group(self, group: str) -> int:
         members = self._groups.pop(group, ())
@@ -84,24 +101,33 @@ class L1:
 
     def drop_pattern(self, pattern: str) -> int:
         """Glob pattern (only ``*`` is used by the service); scans the bounded cache."""
-        doomed = [k for k in list(self._cache.keys()) if fnmatchcase(k, pattern)]
+        doomed = [k for k in {*self._cache.keys(), *self._last.keys()} if fnmatchcase(k, pattern)]
         return self.drop(doomed)
 
+    def last_known(self, key: str) -> Entry | None:
+        """The last value this instance held for ``key`` (even expired), unless it was invalidated since."""
+        return self._last.get(key)
+
     def clear(self) -> None:
+        """Forget what L1 serves (not the last-known values, which only answer origin failures as STALE)."""
         self._cache.clear()
-        self._groups.clear()
 
     def expire(self) -> None:
         self._cache.expire()
 
-    # ---- gap handling
+    # ---- trust modes (see actors.invalidation.Invalidator.update_trust)
     def stop_serving(self) -> None:
-        self.serving = False
-        self.clear()
+        self.set_mode("off")
 
     def resume_serving(self) -> None:
+        self.set_mode("normal")
+
+    def set_mode(self, mode: str, degraded_ttl: float = 1.0) -> None:
+        """normal: serve, cap max_ttl; degraded: serve, cap degraded_ttl; off: serve nothing. Always clears."""
         self.clear()
-        self.serving = True
+        self.mode = mode
+        self.serving = mode != "off"
+        self.cap = degraded_ttl if mode == "degraded" else self.max_ttl
 
     def keys(self) -> list[str]:
         return list(self._cache.keys())

@@ -15,6 +15,7 @@ Every Redis or socket error is translated into :class:`tiers.errors.CacheUnavail
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -23,9 +24,10 @@ from fnmatch import fnmatchcase
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from tiers import codec
+from tiers.breaker import Breaker
 from tiers.errors import CacheUnavailable
 from tiers.redis_pool import ManagedPool
 
@@ -99,6 +101,18 @@ class L2(Protocol):
 
     async def read(self, key: str) -> codec.Stored | None: ...
     async def acquire(self, key: str, token: str, lease_ms: int, group: str | None) -> Acquire: ...
+    async def try_lease(self, key: str, token: str, lease_ms: int, group: str | None = None) -> bool:
+        """Take the key's lease if nobody holds it (a background refresh of a still-fresh value)."""
+        async with self._guard("SET NX lease"):
+            if group:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.set(key + LEASE_SUFFIX, token, nx=True, px=lease_ms)
+                    pipe.sadd(group, key)
+                    pipe.pexpire(group, 24 * 3600 * 1000)
+                    won, _, _ = await pipe.execute()
+                    return bool(won)
+            return bool(await self.client.set(key + LEASE_SUFFIX, token, nx=True, px=lease_ms))
+
     async def fill(self, key: str, token: str, value: bytes, px: int) -> bool: ...
     async def invalidate(self, keys: Sequence[str], groups: Sequence[str], patterns: Sequence[str]) -> int: ...
 
@@ -108,10 +122,20 @@ def _now_ms() -> int:
 
 
 class RedisCache:
-    def __init__(self, client: aioredis.Redis, pool: ManagedPool | None = None, *, scan_batch: int = 500) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        pool: ManagedPool | None = None,
+        *,
+        scan_batch: int = 500,
+        breaker: Breaker | None = None,
+        op_timeout: float | None = None,
+    ) -> None:
         self.client = client
         self.pool = pool
         self.scan_batch = scan_batch
+        self.breaker = breaker or Breaker()
+        self.op_timeout = op_timeout  # whole budget of one operation: pool wait + connect + command
         self._acquire = client.register_script(_ACQUIRE)
         self._fill = client.register_script(_FILL)
         self._invalidate = client.register_script(_INVALIDATE)
@@ -119,10 +143,27 @@ class RedisCache:
 
     @asynccontextmanager
     async def _guard(self, op: str) -> AsyncIterator[None]:
+        """The one boundary of every Redis call: breaker, timeout, and translation of errors."""
+        breaker = self.breaker
+        if not breaker.allow():
+            raise CacheUnavailable(f"redis {op}: circuit open")
         try:
-            yield
+            if self.op_timeout is None:
+                yield
+            else:
+                async with asyncio.timeout(self.op_timeout):
+                    yield
+        except ResponseError as err:  # Redis answered: not an outage, but the operation failed
+            breaker.success()
+            raise CacheUnavailable(f"redis {op}: {err}") from err
         except (RedisError, OSError, TimeoutError) as err:
+            breaker.failure()
             raise CacheUnavailable(f"redis {op}: {type(err).__name__}: {err}") from err
+        except BaseException:
+            breaker.abandon()  # cancelled (or a bug of ours): no verdict on Redis
+            raise
+        else:
+            breaker.success()
 
     # ------------------------------------------------------------ the seed's cache API (raw bytes)
     async def get(self, key: str) -> bytes | None:
@@ -220,6 +261,18 @@ class RedisCache:
         status = int(res[0])
         raw = res[1] if len(res) > 1 and res[1] else None
         return Acquire(status, codec.unpack(raw) if raw else None)
+
+    async def try_lease(self, key: str, token: str, lease_ms: int, group: str | None = None) -> bool:
+        """Take the key's lease if nobody holds it (a background refresh of a still-fresh value)."""
+        async with self._guard("SET NX lease"):
+            if group:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.set(key + LEASE_SUFFIX, token, nx=True, px=lease_ms)
+                    pipe.sadd(group, key)
+                    pipe.pexpire(group, 24 * 3600 * 1000)
+                    won, _, _ = await pipe.execute()
+                    return bool(won)
+            return bool(await self.client.set(key + LEASE_SUFFIX, token, nx=True, px=lease_ms))
 
     async def fill(self, key: str, token: str, value: bytes, px: int) -> bool:
         async with self._guard("EVALSHA fill"):
