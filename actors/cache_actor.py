@@ -51,6 +51,19 @@ class Lookup:
 
 
 @dataclass(frozen=True, slots=True)
+class Answer:
+    """What ``origin()`` may return instead of plain body bytes.
+
+    ``short=True``: a real answer (served with 200) that states an absence, e.g. a trustline with
+    ``exists: false``; it is cached with the data type's negative TTL and never served stale, like a
+    ``b"null"`` "does not exist" answer, but it is answered as a body, not as 404.
+    """
+
+    body: bytes
+    short: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     ttl: Mapping[DataType, float]
     negative_ttl: Mapping[DataType, float]
@@ -130,7 +143,8 @@ def _consume(fut: asyncio.Future[Any]) -> None:
 
 
 class CacheActor(Actor):
-    """Subclasses set ``namespaces`` and implement ``origin(key)`` → body bytes, or None when it does not exist."""
+    """Subclasses set ``namespaces`` and implement ``origin(key)`` → body bytes (or an :class:`Answer`), or None
+    when it does not exist."""
 
     namespaces: frozenset[Namespace] = frozenset()
 
@@ -154,7 +168,7 @@ class CacheActor(Actor):
         return await self.ask(Load(key))
 
     # ------------------------------------------------------------ subclass API
-    async def origin(self, key: CacheKey) -> bytes | None:
+    async def origin(self, key: CacheKey) -> bytes | Answer | None:
         raise NotImplementedError
 
     def l2_usable(self) -> bool:
@@ -304,20 +318,23 @@ class CacheActor(Actor):
         self.stats.inc(dt, "origin_loads")
         loaded_at = time.time()
         try:
-            body = await self.origin(key)
+            answer = await self.origin(key)
         except OriginError:
             self.stats.inc(dt, "load_errors")
             if stale is not None and self._within_max_stale(dt, stale, loaded_at):
                 self.stats.inc(dt, "stale_served")
                 return Lookup(stale.body, Source.STALE, stale.loaded_at_ms / 1000), None
             raise
-        if body is None:
-            body = codec.NEGATIVE
-        negative = body == codec.NEGATIVE
-        ttl = self.policy.ttl_for(dt, negative)
+        if answer is None:
+            body, short = codec.NEGATIVE, True
+        elif isinstance(answer, Answer):
+            body, short = answer.body, answer.short or answer.body == codec.NEGATIVE
+        else:
+            body, short = answer, answer == codec.NEGATIVE
+        ttl = self.policy.ttl_for(dt, short)
         if l2 is not None and lease is not None:
             fresh_until = int((loaded_at + ttl) * 1000)
-            px = int((ttl + (0 if negative else self.policy.max_stale.get(dt, 0))) * 1000)
+            px = int((ttl + (0 if short else self.policy.max_stale.get(dt, 0))) * 1000)
             try:
                 if not await l2.fill(rendered, lease, codec.pack(body, fresh_until, int(loaded_at * 1000)), px):
                     self.stats.inc(dt, "fills_rejected")

@@ -221,6 +221,18 @@ class RedisCache:
         async with self._guard("EVALSHA fill"):
             return bool(await self._fill(keys=[key, key + LEASE_SUFFIX], args=[token, value, px]))
 
+    async def put(self, key: str, value: bytes, px: int) -> None:
+        """Install a value known to be true (e.g. a trustline the platform just created), unconditionally.
+
+        The key's lease is deleted first, in the same MULTI, so a load that started before (and may have read
+        the old answer from the origin) can no longer fill over this value.
+        """
+        async with self._guard("SET (replace)"):
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.unlink(key + LEASE_SUFFIX)
+                pipe.set(key, value, px=px)
+                await pipe.execute()
+
     async def invalidate(self, keys: Sequence[str], groups: Sequence[str] = (), patterns: Sequence[str] = ()) -> int:
         """Delete keys (and leases), group members, and pattern matches. Returns value keys deleted."""
         n = 0
