@@ -51,6 +51,19 @@ class Lookup:
 
 
 @dataclass(frozen=True, slots=True)
+class Answer:
+    """What ``origin()`` may return instead of plain body bytes.
+
+    ``short=True``: a real answer (served with 200) that states an absence, e.g. a trustline with
+    ``exists: false``; it is cached with the data type's negative TTL and never served stale, like a
+    ``b"null"`` "does not exist" answer, but it is answered as a body, not as 404.
+    """
+
+    body: bytes
+    short: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     ttl: Mapping[DataType, float]
     negative_ttl: Mapping[DataType, float]
@@ -145,7 +158,8 @@ def _consume(fut: asyncio.Future[Any]) -> None:
 
 
 class CacheActor(Actor):
-    """Subclasses set ``namespaces`` and implement ``origin(key)`` → body bytes, or None when it does not exist."""
+    """Subclasses set ``namespaces`` and implement ``origin(key)`` → body bytes (or an :class:`Answer`), or None
+    when it does not exist."""
 
     namespaces: frozenset[Namespace] = frozenset()
 
@@ -174,7 +188,7 @@ class CacheActor(Actor):
         return await self.ask(Load(key))
 
     # ------------------------------------------------------------ subclass API
-    async def origin(self, key: CacheKey) -> bytes | None:
+    async def origin(self, key: CacheKey) -> bytes | Answer | None:
         raise NotImplementedError
 
     def l2_usable(self) -> bool:
@@ -333,7 +347,7 @@ class CacheActor(Actor):
         loaded_at = time.time()
         t0 = time.perf_counter()
         try:
-            body = await self.origin(key)
+            answer = await self.origin(key)
             self.stats.observe(dt, "origin", time.perf_counter() - t0)
         except OriginError:
             self.stats.observe(dt, "origin_error", time.perf_counter() - t0)
@@ -342,20 +356,23 @@ class CacheActor(Actor):
             if served is not None:
                 return served, None
             raise
-        if body is None:
-            body = codec.NEGATIVE
-        negative = body == codec.NEGATIVE
-        ttl = self.policy.ttl_for(dt, negative)
+        if answer is None:
+            body, short = codec.NEGATIVE, True
+        elif isinstance(answer, Answer):
+            body, short = answer.body, answer.short or answer.body == codec.NEGATIVE
+        else:
+            body, short = answer, answer == codec.NEGATIVE
+        ttl = self.policy.ttl_for(dt, short)
         if l2 is not None and lease is not None:
             fresh_until = int((loaded_at + ttl) * 1000)
-            px = int((ttl + (0 if negative else self.policy.max_stale.get(dt, 0))) * 1000)
-            packed = codec.pack(body, fresh_until, int(loaded_at * 1000))
+            px = int((ttl + (0 if short else self.policy.max_stale.get(dt, 0))) * 1000)
+            packed = codec.pack(body, fresh_until, int(loaded_at * 1000), short)
             try:
                 if not await l2.fill(rendered, lease, packed, px):
                     self.stats.inc(dt, "fills_rejected")
             except CacheUnavailable:
                 pass
-        entry = self._entry(body, loaded_at, ttl, loaded_at + ttl, group)
+        entry = self._entry(body, loaded_at, ttl, loaded_at + ttl, group, short)
         return Lookup(body, Source.MISS, loaded_at), entry
 
     async def _l2_lookup(
@@ -382,30 +399,37 @@ class CacheActor(Actor):
             return self._l2_hit(key, acq.stored, group)
         return _L2Miss(acq.stored or stored, token if acq.status == ACQUIRED_LEASE else None)
 
-    def _entry(self, body: bytes, loaded_at: float, ttl: float, fresh_until: float, group: str | None) -> Entry:
-        """An L1 entry; hot positive entries that will live until their logical expiry get a refresh time."""
+    def _entry(
+        self, body: bytes, loaded_at: float, ttl: float, fresh_until: float, group: str | None, short: bool = False
+    ) -> Entry:
+        """An L1 entry; hot positive entries that will live until their logical expiry get a refresh time.
+
+        ``short`` answers (absences: 404s, ``exists: false``) are never refreshed ahead nor kept as last-known.
+        """
         remaining = fresh_until - time.time()
         lifetime = min(ttl, remaining)
         refresh_at = None
-        if body != codec.NEGATIVE and remaining <= self.l1.cap:
+        short = short or body == codec.NEGATIVE
+        if not short and remaining <= self.l1.cap:
             lead = remaining - self.policy.refresh_ahead * ttl
             if lead > 0:
                 refresh_at = time.monotonic() + lead
-        return Entry(body, loaded_at, lifetime, group, fresh_until, refresh_at)
+        return Entry(body, loaded_at, lifetime, group, fresh_until, refresh_at, short)
 
     def _l2_hit(self, key: CacheKey, stored: codec.Stored, group: str | None) -> tuple[Lookup, Entry]:
         dt = key.namespace.data_type
         self.stats.inc(dt, "l2_hits")
         loaded_at = stored.loaded_at_ms / 1000
         fresh_until = stored.fresh_until_ms / 1000
-        ttl = self.policy.ttl_for(dt, stored.negative)
-        entry = self._entry(stored.body, loaded_at, ttl, fresh_until, group)
+        short = stored.short
+        ttl = self.policy.ttl_for(dt, short)
+        entry = self._entry(stored.body, loaded_at, ttl, fresh_until, group, short)
         return Lookup(stored.body, Source.L2, loaded_at), entry
 
     def _stale_answer(self, dt: DataType, rendered: str, stale: codec.Stored | None, now: float) -> Lookup | None:
         """Stale-if-error: the newest last-known value within max-stale, from Redis or this instance."""
         candidates: list[tuple[bytes, float, float]] = []
-        if stale is not None and not stale.negative:
+        if stale is not None and not stale.short:
             candidates.append((stale.body, stale.loaded_at_ms / 1000, stale.fresh_until_ms / 1000))
         last = self.l1.last_known(rendered)
         if last is not None and not last.negative:

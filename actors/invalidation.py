@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from actors.cache_actor import CacheActor, Invalidate, Outcome
+from actors.cache_actor import CacheActor, Install, Invalidate, Outcome
 from actors.stats import Stats
+from tiers import codec
 from tiers.errors import CacheUnavailable
-from tiers.keys import group_for_pattern, namespace_of
+from tiers.keys import CacheKey, group_for_pattern, namespace_of
 from tiers.l2 import RedisCache
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,43 @@ class Invalidator:
             self.pending.append((keys, patterns))
             return Outcome(deleted, False)
         return Outcome(deleted, True)
+
+    async def replace(self, key: CacheKey, body: bytes) -> Outcome:
+        """Make ``body`` the value of ``key`` everywhere (a fact this instance was just told, e.g. trustline-created).
+
+        Same order as an invalidation: Redis first (a plain SET of the packed value, the key's lease deleted so a
+        racing fleet load cannot fill over it), then this instance's L1 through the owning actor (``Install``, which
+        also voids a racing local load), then the key is published as an invalidation so every peer drops its
+        copy (e.g. a cached negative) and reloads the new value from Redis. If Redis or the bus cannot be reached,
+        the key is queued like any deferred invalidation: the replay deletes it everywhere, which is safe.
+        """
+        rendered = key.render()
+        owner = next((a for a in self.actors if a.owns(rendered)), None)
+        if owner is None:
+            raise ValueError(f"no actor owns {rendered}")
+        dt = key.data_type
+        failure: CacheUnavailable | None = None
+        if self.l2 is not None:
+            now = time.time()
+            ttl = owner.policy.ttl_for(dt, False)
+            px = int((ttl + owner.policy.max_stale.get(dt, 0)) * 1000)
+            try:
+                await self.l2.put(rendered, codec.pack(body, int((now + ttl) * 1000), int(now * 1000)), px)
+            except CacheUnavailable as err:
+                failure = err
+        if owner.running:
+            await owner.ask(Install(key, body))
+        self.stats.inc(dt, "invalidations_sent")
+        if self.bus is not None and failure is None:
+            try:
+                await self.bus.publish([rendered], [])
+            except CacheUnavailable as err:
+                failure = err
+        if failure is not None:
+            log.warning("replacement of %s deferred until Redis returns: %s", rendered, failure)
+            self.pending.append(((rendered,), ()))
+            return Outcome(0, False)
+        return Outcome(0, True)
 
     async def replay_pending(self) -> bool:
         """Re-send deferred invalidations; True when none is left."""

@@ -20,12 +20,13 @@ from actors.fees import FeesActor
 from actors.invalidation import Invalidator
 from actors.rates import RatesActor
 from actors.stats import Stats
+from actors.wallets import BalancesActor, TrustlinesActor
 from service import appkeys as K
 from service.config import Settings, redact_url
 from service.embedded import EmbeddedPostgres, EmbeddedRedis
 from service.problems import problem_middleware
 from service.routes import setup_routes
-from tiers import postgres
+from tiers import horizon, postgres
 from tiers.bus import InvalidationBus
 from tiers.keys import namespace_of
 from tiers.l1 import L1
@@ -41,7 +42,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[problem_middleware], client_max_size=64 * 1024)
     app[K.SETTINGS] = settings
     app[K.LIFECYCLE] = K.Lifecycle()
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, actors_ctx, bus_ctx, lifecycle_ctx])
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, horizon_ctx, actors_ctx, bus_ctx, lifecycle_ctx])
     setup_routes(app)
     return app
 
@@ -131,6 +132,22 @@ async def _maintain_pool(pool: ManagedPool, idle_timeout: float) -> None:
         await asyncio.sleep(period)  # a periodic job, not a wait for an event
 
 
+# ---------------------------------------------------------------- Horizon
+
+
+async def horizon_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One stellar-sdk ServerAsync over one AiohttpClient (one aiohttp session, shared by every request),
+    closed at shutdown."""
+    s = app[K.SETTINGS].horizon
+    origin = horizon.HorizonOrigin(horizon.create_server(s.url, timeout=s.timeout))
+    app[K.HORIZON] = origin
+    log.info("horizon at %s (timeout %.1fs)", redact_url(s.url), s.timeout)
+    try:
+        yield
+    finally:
+        await origin.close()
+
+
 # ---------------------------------------------------------------- tiers and actors
 
 
@@ -156,12 +173,15 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
     origin = app[K.PG_ORIGIN]
     rates = RatesActor(origin=origin, invalidator=invalidator, **common)
     fees = FeesActor(origin=origin, invalidator=invalidator, **common)
-    actors: list[CacheActor] = [rates, fees]
+    balances = BalancesActor(origin=app[K.HORIZON], invalidator=invalidator, **common)
+    trustlines = TrustlinesActor(balances=balances, invalidator=invalidator, **common)
+    actors: list[CacheActor] = [rates, fees, balances, trustlines]
     for actor in actors:
         invalidator.register(actor)
         await actor.start()
     app[K.STATS], app[K.L1_CACHE], app[K.INVALIDATOR] = stats, l1, invalidator
     app[K.RATES], app[K.FEES] = rates, fees
+    app[K.BALANCES], app[K.TRUSTLINES] = balances, trustlines
     try:
         yield
     finally:

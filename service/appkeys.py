@@ -13,8 +13,10 @@ from actors.fees import FeesActor
 from actors.invalidation import Invalidator
 from actors.rates import RatesActor
 from actors.stats import Stats
+from actors.wallets import BalancesActor, TrustlinesActor
 from service.config import Settings
 from tiers.bus import InvalidationBus
+from tiers.horizon import HorizonOrigin
 from tiers.l1 import L1
 from tiers.l2 import RedisCache
 from tiers.postgres import PostgresOrigin
@@ -53,5 +55,8 @@ STATS = web.AppKey("stats", Stats)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
 RATES = web.AppKey("rates", RatesActor)
 FEES = web.AppKey("fees", FeesActor)
+HORIZON = web.AppKey("horizon", HorizonOrigin)
+BALANCES = web.AppKey("balances", BalancesActor)
+TRUSTLINES = web.AppKey("trustlines", TrustlinesActor)
 BUS = web.AppKey("bus", InvalidationBus)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)

@@ -7,6 +7,7 @@ and exits 2 without a traceback.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -15,6 +16,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
+
+from stellar_sdk import StrKey
 
 from tiers.keys import DataType
 
@@ -69,10 +72,19 @@ class RedisSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PlatformAsset:
+    """One of the platform's own Stellar assets (e.g. cNGN). ``issuer`` "" means: not known yet."""
+
+    code: str
+    issuer: str
+
+
+@dataclass(frozen=True, slots=True)
 class HorizonSettings:
     url: str
     timeout: float
     network_passphrase: str
+    assets: tuple[PlatformAsset, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +293,7 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         network_passphrase=_str(
             "horizon.network_passphrase", _pick(h, "network_passphrase", env, None, "horizon.network_passphrase")
         ),
+        assets=_assets(h.get("assets", [])),
     )
 
     l1s = L1Settings(
@@ -333,6 +346,33 @@ def _per_type(section: str, doc: dict[str, Any], *, positive: bool = True) -> di
         if out[dt] < 0:
             raise ConfigError(f"{section}.{name}: must be >= 0")
     return out
+
+
+_ASSET_CODE = re.compile(r"[A-Za-z0-9]{1,12}")
+
+
+def _assets(raw: Any) -> tuple[PlatformAsset, ...]:
+    """``[[horizon.assets]]``: a list of ``{code, issuer}``; code 1-12 ASCII letters/digits, issuer a G... key or ""."""
+    if not isinstance(raw, list):
+        raise ConfigError("horizon.assets: expected a list of tables ([[horizon.assets]] with code and issuer)")
+    out: list[PlatformAsset] = []
+    for i, item in enumerate(raw):
+        label = f"horizon.assets[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{label}: expected a table with code and issuer")
+        unknown = sorted(set(item) - {"code", "issuer"})
+        if unknown:
+            raise ConfigError(f"{label}.{unknown[0]}: unknown field (allowed: code, issuer)")
+        code, issuer = item.get("code"), item.get("issuer", "")
+        if not isinstance(code, str) or not _ASSET_CODE.fullmatch(code):
+            raise ConfigError(f"{label}.code: expected 1-12 ASCII letters or digits, got {code!r}")
+        if not isinstance(issuer, str) or (issuer and not StrKey.is_valid_ed25519_public_key(issuer)):
+            raise ConfigError(f"{label}.issuer: expected a Stellar G... public key or \"\" (unknown), got {issuer!r}")
+        asset = PlatformAsset(code, issuer)
+        if asset in out:
+            raise ConfigError(f"{label}: duplicate of an earlier asset {code}:{issuer or '(no issuer)'}")
+        out.append(asset)
+    return tuple(out)
 
 
 def redact_url(url: str) -> str:

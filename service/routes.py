@@ -12,6 +12,7 @@ from aiohttp import web
 from actors.cache_actor import Lookup, Outcome, Source, WriteResult
 from actors.fees import PutFee
 from actors.rates import DeleteRate, PutRate
+from actors.wallets import BalanceUpdated, EventResult, TransactionCompleted, TrustlineCreated
 from service import appkeys as K
 from service import validation as v
 from service.problems import Problem, bad_request, not_found
@@ -136,6 +137,65 @@ async def put_fee(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(result.value), content_type=JSON, headers=write_headers(result.invalidation))
 
 
+# ---------------------------------------------------------------- wallets
+
+
+async def get_balances(request: web.Request) -> web.Response:
+    account = v.account_id(request.match_info["account_id"])
+    lookup = await request.app[K.BALANCES].get(keys.balance(account))
+    return cached(lookup, f"account {account} is not on the ledger (unfunded or merged)")
+
+
+async def get_trustline(request: web.Request) -> web.Response:
+    account = v.account_id(request.match_info["account_id"])
+    code = v.asset_code(request.match_info["asset_code"])
+    issuer = v.asset_issuer(request.match_info["asset_issuer"])
+    lookup = await request.app[K.TRUSTLINES].get(keys.trustline(account, code, issuer))
+    return cached(lookup, f"account {account} is not on the ledger (unfunded or merged)")
+
+
+# ---------------------------------------------------------------- events
+
+
+def event_response(result: EventResult) -> web.Response:
+    body: dict[str, Any] = {"invalidated": list(result.invalidated)}
+    if result.cached:
+        body["cached"] = list(result.cached)
+    return web.Response(body=orjson.dumps(body), content_type=JSON, headers=write_headers(result.outcome))
+
+
+async def transaction_completed(request: web.Request) -> web.Response:
+    require_admin(request)
+    fields = {"transaction_id", "sender", "receiver"}
+    body = await v.json_object(request, allowed=fields, required=fields)
+    msg = TransactionCompleted(
+        v.transaction_id(body["transaction_id"]),
+        v.account_id(body["sender"], "sender"),
+        v.account_id(body["receiver"], "receiver"),
+    )
+    return event_response(await request.app[K.BALANCES].ask(msg))
+
+
+async def balance_updated(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = await v.json_object(request, allowed={"account_id"}, required={"account_id"})
+    msg = BalanceUpdated(v.account_id(body["account_id"]))
+    return event_response(await request.app[K.BALANCES].ask(msg))
+
+
+async def trustline_created(request: web.Request) -> web.Response:
+    require_admin(request)
+    required = {"account_id", "asset_code", "asset_issuer"}
+    body = await v.json_object(request, allowed={*required, "authorized"}, required=required)
+    msg = TrustlineCreated(
+        v.account_id(body["account_id"]),
+        v.asset_code(body["asset_code"]),
+        v.asset_issuer(body["asset_issuer"]),
+        v.optional_bool(body.get("authorized"), "authorized"),
+    )
+    return event_response(await request.app[K.TRUSTLINES].ask(msg))
+
+
 # ---------------------------------------------------------------- cache administration
 
 
@@ -225,6 +285,11 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete("/v1/rates/{base}/{quote}", delete_rate)
     r.add_get("/v1/fees/{fee_type}", get_fee)
     r.add_put("/v1/fees/{fee_type}", put_fee)
+    r.add_get("/v1/wallets/{account_id}/balances", get_balances)
+    r.add_get("/v1/wallets/{account_id}/trustlines/{asset_code}/{asset_issuer}", get_trustline)
+    r.add_post("/v1/events/transaction-completed", transaction_completed)
+    r.add_post("/v1/events/trustline-created", trustline_created)
+    r.add_post("/v1/events/balance-updated", balance_updated)
     r.add_delete("/v1/cache", delete_cache)
     r.add_get("/v1/cache/stats", cache_stats)
     r.add_get("/health/live", live)

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from stellar_sdk import MuxedAccount, StrKey
 
 from service.problems import bad_request
 
@@ -16,6 +17,8 @@ _FEE_TYPE = re.compile(r"[a-z0-9_]{1,32}")
 _AMOUNT = re.compile(r"[0-9]{1,12}(\.[0-9]{1,7})?")
 _DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{1,18})?")
 _SOURCE = re.compile(r"[A-Za-z0-9 ._:/-]{1,64}")
+_ASSET_CODE = re.compile(r"[A-Za-z0-9]{1,12}")
+_TRANSACTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 MAX_AMOUNT = Decimal("922337203685.4775807")  # Stellar's int64 stroops
 
@@ -113,3 +116,54 @@ def rate_bps(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10000:
         raise bad_request(f"rate_bps: expected an integer from 0 to 10000, got {value!r}", "invalid-body")
     return value
+
+
+# ---------------------------------------------------------------- Stellar
+
+
+def account_id(value: Any, field: str = "account_id") -> str:
+    """A ``G...`` ed25519 public key (checksum verified) or a muxed ``M...`` account, returned as its ``G...`` key.
+
+    Runs before any key or Horizon URL is built (stellar-sdk formats the URL with no validation of its own).
+    """
+    if isinstance(value, str):
+        if StrKey.is_valid_ed25519_public_key(value):
+            return value
+        if StrKey.is_valid_med25519_public_key(value):
+            return MuxedAccount.from_account(value).account_id
+    shown = repr(value) if isinstance(value, str) else f"a JSON {_kind(value)}"
+    raise bad_request(
+        f"{field}: expected a Stellar account (G... public key or M... muxed account, with a valid checksum), "
+        f"got {shown[:80]}",
+        "invalid-account",
+    )
+
+
+def asset_code(value: Any, field: str = "asset_code") -> str:
+    """1-12 ASCII letters or digits, case-sensitive (kept as given)."""
+    if not isinstance(value, str) or not _ASSET_CODE.fullmatch(value):
+        shown = repr(value) if isinstance(value, str) else f"a JSON {_kind(value)}"
+        raise bad_request(f"{field}: expected 1-12 ASCII letters or digits (case-sensitive), got {shown[:80]}",
+                          "invalid-asset")
+    return value
+
+
+def asset_issuer(value: Any, field: str = "asset_issuer") -> str:
+    """An issuer is a ``G...`` key (never muxed)."""
+    if not isinstance(value, str) or not StrKey.is_valid_ed25519_public_key(value):
+        shown = repr(value) if isinstance(value, str) else f"a JSON {_kind(value)}"
+        raise bad_request(f"{field}: expected a Stellar G... public key with a valid checksum, got {shown[:80]}",
+                          "invalid-asset")
+    return value
+
+
+def transaction_id(value: Any) -> str:
+    if not isinstance(value, str) or not _TRANSACTION_ID.fullmatch(value):
+        raise bad_request("transaction_id: expected 1-128 of letters, digits and ._:-", "invalid-body")
+    return value
+
+
+def optional_bool(value: Any, field: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise bad_request(f"{field}: expected true, false or null, not a JSON {_kind(value)}", "invalid-body")

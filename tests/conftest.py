@@ -198,6 +198,29 @@ async def _seed(pg: asyncpg.Connection) -> None:
     )
 
 
+@pytest.fixture
+async def horizon() -> AsyncIterator[Any]:
+    """A Horizon stand-in (tests/horizon_standin.py) on a random local port."""
+    from tests.horizon_standin import HorizonStandin
+
+    standin = HorizonStandin()
+    await standin.start()
+    yield standin
+    await standin.close()
+
+
+@pytest.fixture
+def wallet_client(
+    make_client: AppFactory, settings_factory: Callable[..., Settings], horizon: Any
+) -> Callable[..., Awaitable[TestClient]]:
+    """Start an app whose HORIZON_URL is the stand-in; ``env`` adds or overrides variables."""
+
+    async def start(env: dict[str, str] | None = None, **overrides: Any) -> TestClient:
+        return await make_client(settings_factory(env={"HORIZON_URL": horizon.url, **(env or {})}, **overrides))
+
+    return start
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01) -> None:
     """Poll ``check`` until it is true or the deadline passes (then fail)."""
     deadline = asyncio.get_running_loop().time() + timeout

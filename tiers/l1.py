@@ -25,6 +25,7 @@ class Entry:
     group: str | None = None  # invalidation group (e.g. all conversions of a pair)
     fresh_until: float = 0.0  # wall-clock logical expiry (for max-stale)
     refresh_at: float | None = None  # monotonic time from which a hit triggers a background refresh
+    short: bool = False  # an absence (404, exists=false): never kept as a last-known value
 
     @property
     def negative(self) -> bool:
@@ -68,9 +69,9 @@ class L1:
         if not self.serving or entry.ttl <= 0:
             return False
         if entry.ttl > self.cap:
-            entry = Entry(entry.body, entry.loaded_at, self.cap, entry.group, entry.fresh_until, None)
+            entry = Entry(entry.body, entry.loaded_at, self.cap, entry.group, entry.fresh_until, None, entry.short)
         self._cache[key] = entry
-        if not entry.negative:
+        if not entry.short and not entry.negative:
             self._last[key] = entry
         if entry.group is not None:
             members = self._groups.setdefault(entry.group, set())

@@ -37,7 +37,7 @@ LEASE_SUFFIX = "|lease"
 _ACQUIRE = """
 local v = redis.call('GET', KEYS[1])
 if v then
-  local fresh_until = tonumber(string.match(v, '^1|(%d+)|'))
+  local fresh_until = tonumber(string.match(v, '^[1s]|(%d+)|'))
   if fresh_until and fresh_until > tonumber(ARGV[3]) then return {1, v} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -277,6 +277,18 @@ class RedisCache:
     async def fill(self, key: str, token: str, value: bytes, px: int) -> bool:
         async with self._guard("EVALSHA fill"):
             return bool(await self._fill(keys=[key, key + LEASE_SUFFIX], args=[token, value, px]))
+
+    async def put(self, key: str, value: bytes, px: int) -> None:
+        """Install a value known to be true (e.g. a trustline the platform just created), unconditionally.
+
+        The key's lease is deleted first, in the same MULTI, so a load that started before (and may have read
+        the old answer from the origin) can no longer fill over this value.
+        """
+        async with self._guard("SET (replace)"):
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.unlink(key + LEASE_SUFFIX)
+                pipe.set(key, value, px=px)
+                await pipe.execute()
 
     async def invalidate(self, keys: Sequence[str], groups: Sequence[str] = (), patterns: Sequence[str] = ()) -> int:
         """Delete keys (and leases), group members, and pattern matches. Returns value keys deleted."""

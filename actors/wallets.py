@@ -1,0 +1,190 @@
+"""Wallet balances and trustlines (origin: Stellar Horizon through tiers.horizon).
+
+One Horizon call per account serves both domains. ``BalancesActor`` loads the account document
+(``GET /accounts/{G}``) and caches it, in the contract's balances shape, under ``v1:wallet:balance:{G}``.
+``TrustlinesActor`` never calls Horizon itself: its origin reads the account's balances through the balances
+actor's read path (L1 → Redis → lease → Horizon), so concurrent balance and trustline reads of one account
+coalesce into one Horizon call, and a fresh balance entry answers trustline questions without any call.
+
+Balances (the contract's shape, Horizon's strings kept as they are):
+
+* the native balance comes first, as ``asset_type "native"``, ``asset_code "XLM"``, ``asset_issuer null``,
+  ``limit null``, ``is_authorized null`` (Horizon lists it last);
+* credit balances (``credit_alphanum4`` / ``credit_alphanum12``) follow in Horizon's order;
+* ``liquidity_pool_shares`` entries are **omitted**: they have no asset code or issuer (only a pool id), a client
+  reading ``asset_code``/``asset_issuer`` to find an asset would misread them, and the platform does not deal in
+  pool shares. Any asset type Horizon may add later is omitted for the same reason.
+
+Trustlines: a trustline exists iff the account's balances hold an entry with that ``asset_code`` and
+``asset_issuer`` (a zero balance still counts; pool shares never match). ``exists: false`` is a 200 answer cached
+with the short ``negative_ttl.trustline``; an account that is not on the ledger answers 404 for both domains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from actors.cache_actor import Answer, CacheActor, Outcome, Source
+from actors.invalidation import Invalidator
+from tiers import codec, keys
+from tiers.errors import OriginUnavailable
+from tiers.horizon import AccountsOrigin
+from tiers.keys import CacheKey, Namespace
+
+CREDIT_TYPES = ("credit_alphanum4", "credit_alphanum12")
+
+
+# ---------------------------------------------------------------- documents
+
+
+def balances_document(account_id: str, account: dict[str, Any]) -> dict[str, Any]:
+    """The contract's balances answer from Horizon's account document (see the module docstring)."""
+    native: list[dict[str, Any]] = []
+    credits: list[dict[str, Any]] = []
+    for b in account.get("balances", ()):
+        if not isinstance(b, dict):
+            continue
+        kind = b.get("asset_type")
+        if kind == "native":
+            native.append(
+                {
+                    "asset_type": "native",
+                    "asset_code": "XLM",
+                    "asset_issuer": None,
+                    "balance": b.get("balance"),
+                    "limit": None,
+                    "is_authorized": None,
+                }
+            )
+        elif kind in CREDIT_TYPES:
+            authorized = b.get("is_authorized")
+            credits.append(
+                {
+                    "asset_type": kind,
+                    "asset_code": b.get("asset_code"),
+                    "asset_issuer": b.get("asset_issuer"),
+                    "balance": b.get("balance"),
+                    "limit": b.get("limit"),
+                    "is_authorized": authorized if isinstance(authorized, bool) else None,
+                }
+            )
+    return {"account_id": account_id, "balances": native + credits}
+
+
+def trustline_document(balances: dict[str, Any], account_id: str, code: str, issuer: str) -> dict[str, Any]:
+    """The contract's trustline answer, derived from a balances document."""
+    for b in balances.get("balances", ()):
+        if b.get("asset_type") in CREDIT_TYPES and b.get("asset_code") == code and b.get("asset_issuer") == issuer:
+            return trustline_body(account_id, code, issuer, exists=True, authorized=b.get("is_authorized"))
+    return trustline_body(account_id, code, issuer, exists=False, authorized=None)
+
+
+def trustline_body(account_id: str, code: str, issuer: str, *, exists: bool, authorized: bool | None) -> dict[str, Any]:
+    return {
+        "account_id": account_id,
+        "asset_code": code,
+        "asset_issuer": issuer,
+        "exists": exists,
+        "authorized": authorized if exists else None,
+    }
+
+
+# ---------------------------------------------------------------- messages (events)
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionCompleted:
+    transaction_id: str
+    sender: str  # G... (already normalised)
+    receiver: str
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceUpdated:
+    account_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrustlineCreated:
+    account_id: str
+    asset_code: str
+    asset_issuer: str
+    authorized: bool | None = None  # None: not told (answered as null until Horizon is asked again)
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    invalidated: tuple[str, ...]  # keys deleted in Redis and every L1
+    cached: tuple[str, ...]  # keys whose new value was written to Redis and announced to every instance
+    outcome: Outcome  # complete=False: Redis or the bus was unreachable; replayed when it returns
+
+
+# ---------------------------------------------------------------- actors
+
+
+class BalancesActor(CacheActor):
+    name = "balances"
+    namespaces = frozenset({Namespace.BALANCE})
+
+    def __init__(self, *, origin: AccountsOrigin, invalidator: Invalidator, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._origin = origin
+        self._invalidator = invalidator
+
+    async def origin(self, key: CacheKey) -> bytes | None:
+        account_id = key.parts[0]
+        account = await self._origin.account(account_id)
+        if account is None:
+            return None
+        return codec.dumps(balances_document(account_id, account))
+
+    def receive_other(self, msg: Any) -> Any:
+        match msg:
+            case TransactionCompleted(_, sender, receiver):
+                accounts = (sender,) if sender == receiver else (sender, receiver)
+                return self.spawn(self._invalidate(accounts), name="balances:transaction-completed")
+            case BalanceUpdated(account_id):
+                return self.spawn(self._invalidate((account_id,)), name="balances:balance-updated")
+        return super().receive_other(msg)
+
+    async def _invalidate(self, accounts: tuple[str, ...]) -> EventResult:
+        doomed = tuple(keys.balance(a).render() for a in accounts)
+        outcome = await self._invalidator.invalidate(keys=doomed)
+        return EventResult(doomed, (), outcome)
+
+
+class TrustlinesActor(CacheActor):
+    name = "trustlines"
+    namespaces = frozenset({Namespace.TRUSTLINE})
+
+    def __init__(self, *, balances: BalancesActor, invalidator: Invalidator, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._balances = balances
+        self._invalidator = invalidator
+
+    async def origin(self, key: CacheKey) -> Answer | None:
+        account_id, code, issuer = key.parts
+        lookup = await self._balances.get(keys.balance(account_id))
+        if lookup.source is Source.STALE:
+            # Horizon failed and the balance was served past its TTL: an answer derived from it must not be
+            # cached for an hour. The trustline's own last-known value (if any) is served stale instead.
+            raise OriginUnavailable("horizon", f"account {account_id}: Horizon unavailable (balance served stale)")
+        if lookup.negative:
+            return None  # the account is not on the ledger: 404
+        body = trustline_document(codec.loads(lookup.body), account_id, code, issuer)  # type: ignore[arg-type]
+        return Answer(codec.dumps(body), short=not body["exists"])
+
+    def receive_other(self, msg: Any) -> Any:
+        if isinstance(msg, TrustlineCreated):
+            return self.spawn(self._created(msg), name="trustlines:trustline-created")
+        return super().receive_other(msg)
+
+    async def _created(self, msg: TrustlineCreated) -> EventResult:
+        key = keys.trustline(msg.account_id, msg.asset_code, msg.asset_issuer)
+        body = trustline_body(msg.account_id, msg.asset_code, msg.asset_issuer, exists=True, authorized=msg.authorized)
+        cached = await self._invalidator.replace(key, codec.dumps(body))
+        balance = keys.balance(msg.account_id).render()
+        invalidated = await self._invalidator.invalidate(keys=[balance])
+        outcome = Outcome(invalidated.deleted, cached.complete and invalidated.complete)
+        return EventResult((balance,), (key.render(),), outcome)
