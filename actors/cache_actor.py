@@ -12,6 +12,7 @@ next request starts a fresh load. In Redis the same guarantee comes from the lea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import secrets
 import time
@@ -147,6 +148,7 @@ class _Flight:
     token: int
     key: CacheKey
     group: str | None
+    epoch: int  # the L1 trust epoch the load began in
     refresh: bool = False
     future: asyncio.Future[Lookup] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -224,7 +226,7 @@ class CacheActor(Actor):
             self.stats.inc(key.namespace.data_type, "l1_hits")
             return Lookup(entry.body, Source.L1, entry.loaded_at)
         self._tokens += 1
-        flight = _Flight(self._tokens, key, group_of(key))
+        flight = _Flight(self._tokens, key, group_of(key), self.l1.epoch)
         flight.future.add_done_callback(_consume)
         self._flights[rendered] = flight
         self.spawn(self._load(flight), name=f"{self.name}:load")
@@ -236,7 +238,7 @@ class CacheActor(Actor):
             self._refreshing.discard(rendered)
             return
         self._tokens += 1
-        flight = _Flight(self._tokens, key, group_of(key), refresh=True)
+        flight = _Flight(self._tokens, key, group_of(key), self.l1.epoch, refresh=True)
         flight.future.add_done_callback(_consume)
         self._flights[rendered] = flight
         self.stats.inc(key.namespace.data_type, "refreshes")
@@ -257,6 +259,8 @@ class CacheActor(Actor):
         flight, current = self._take_flight(msg.key, msg.token)
         if flight is None:
             return
+        if flight.epoch != self.l1.epoch:
+            current = False  # L1's trust changed while loading (a gap in invalidations): do not install
         if current and msg.entry is not None:
             self.l1.put(msg.key, msg.entry)  # a voided load answers its waiters but never fills L1
         elif not current:
@@ -306,11 +310,6 @@ class CacheActor(Actor):
         now = time.time()
         return self.l1.put(rendered, self._entry(body, now, ttl, now + ttl, group_of(key)))
 
-    def clear_flights(self) -> None:
-        """Void every in-flight load (the L1 gap handler calls this)."""
-        for k in list(self._flights):
-            self._void(k)
-
     async def on_stopped(self) -> None:
         for flight in [*self._flights.values(), *self._voided.values()]:
             if not flight.future.done():
@@ -352,6 +351,9 @@ class CacheActor(Actor):
         except OriginError:
             self.stats.observe(dt, "origin_error", time.perf_counter() - t0)
             self.stats.inc(dt, "load_errors")
+            if l2 is not None and lease is not None:
+                with contextlib.suppress(CacheUnavailable):
+                    await l2.release(rendered, lease)  # peers waiting on this lease load (or fail) now
             served = self._stale_answer(dt, rendered, stale, loaded_at)
             if served is not None:
                 return served, None

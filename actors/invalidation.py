@@ -19,6 +19,7 @@ from actors.stats import Stats
 from tiers import codec
 from tiers.errors import CacheUnavailable
 from tiers.keys import CacheKey, group_for_pattern, namespace_of
+from tiers.l1 import L1
 from tiers.l2 import RedisCache
 
 log = logging.getLogger(__name__)
@@ -138,3 +139,44 @@ class Invalidator:
                 asks.append(actor.ask(Invalidate(mine, pats)))
         results = await asyncio.gather(*asks)
         return sum(results)
+
+
+class L1Trust:
+    """Decides what this instance's L1 may serve, from the two signals that make it trustworthy.
+
+    * subscribed to the invalidation bus: normal (entries live up to ``l1.max_ttl``);
+    * not subscribed, Redis reachable: off (reads go to Redis, which every writer clears first);
+    * not subscribed, Redis down (breaker open): degraded (entries live up to ``l1.degraded_ttl``, so origin
+      load stays bounded and staleness is bounded by that cap);
+    * no Redis configured: normal (one instance; its own writes invalidate its L1 synchronously).
+
+    Every change clears L1 and starts a new epoch, so a load that straddled the change never fills it.
+    """
+
+    def __init__(self, l1: L1, *, degraded_ttl: float, has_redis: bool) -> None:
+        self.l1 = l1
+        self.degraded_ttl = degraded_ttl
+        self.has_redis = has_redis
+        self.subscribed = False
+        self.redis_ok = True
+        self.changes = 0
+        self._apply(force=True)
+
+    def mode(self) -> str:
+        if not self.has_redis or self.subscribed:
+            return "normal"
+        return "off" if self.redis_ok else "degraded"
+
+    def update(self, *, subscribed: bool | None = None, redis_ok: bool | None = None, force: bool = False) -> None:
+        if subscribed is not None:
+            self.subscribed = subscribed
+        if redis_ok is not None:
+            self.redis_ok = redis_ok
+        self._apply(force)
+
+    def _apply(self, force: bool = False) -> None:
+        mode = self.mode()
+        if force or mode != self.l1.mode:
+            self.changes += 1
+            log.info("L1 trust: %s (subscribed=%s, redis=%s)", mode, self.subscribed, self.redis_ok)
+            self.l1.set_mode(mode, self.degraded_ttl)

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from actors.cache_actor import CacheActor, Policy
 from actors.fees import FeesActor
-from actors.invalidation import Invalidator
+from actors.invalidation import Invalidator, L1Trust
 from actors.rates import RatesActor
 from actors.stats import Stats
 from actors.wallets import BalancesActor, TrustlinesActor
@@ -27,6 +27,8 @@ from service.embedded import EmbeddedPostgres, EmbeddedRedis
 from service.problems import problem_middleware
 from service.routes import setup_routes
 from tiers import horizon, postgres
+from tiers.breaker import Breaker
+from tiers.breaker import State as BreakerState
 from tiers.bus import InvalidationBus
 from tiers.keys import namespace_of
 from tiers.l1 import L1
@@ -42,6 +44,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[problem_middleware], client_max_size=64 * 1024)
     app[K.SETTINGS] = settings
     app[K.LIFECYCLE] = K.Lifecycle()
+    app.on_shutdown.append(_draining)
     app.cleanup_ctx.extend([postgres_ctx, redis_ctx, horizon_ctx, actors_ctx, bus_ctx, lifecycle_ctx])
     setup_routes(app)
     return app
@@ -108,7 +111,12 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         idle_timeout=s.idle_timeout,
     )
     client = aioredis.Redis(connection_pool=pool)
-    app[K.REDIS] = K.RedisHandles(url, RedisCache(client, pool), pool)
+    breaker = Breaker(
+        failure_threshold=s.breaker_failures, reset_after=s.breaker_reset, reset_max=s.breaker_reset_max
+    )
+    breaker.subscribe(lambda old, new: log.warning("redis circuit breaker: %s -> %s", old, new))
+    cache = RedisCache(client, pool, breaker=breaker, op_timeout=s.op_timeout)
+    app[K.REDIS] = K.RedisHandles(url, cache, pool, breaker)
     log.info("redis at %s (pool %d, min idle %d)", redact_url(url), s.max_connections, s.min_idle)
     maintenance = asyncio.create_task(_maintain_pool(pool, s.idle_timeout), name="redis-pool-maintenance")
     try:
@@ -139,7 +147,7 @@ async def horizon_ctx(app: web.Application) -> AsyncIterator[None]:
     """One stellar-sdk ServerAsync over one AiohttpClient (one aiohttp session, shared by every request),
     closed at shutdown."""
     s = app[K.SETTINGS].horizon
-    origin = horizon.HorizonOrigin(horizon.create_server(s.url, timeout=s.timeout))
+    origin = horizon.HorizonOrigin(horizon.create_server(s.url, timeout=s.timeout), max_concurrency=s.max_concurrency)
     app[K.HORIZON] = origin
     log.info("horizon at %s (timeout %.1fs)", redact_url(s.url), s.timeout)
     try:
@@ -158,6 +166,7 @@ def build_policy(s: Settings) -> Policy:
         max_stale=s.max_stale,
         lease_ttl=s.coherence.lease_ttl,
         lease_wait=s.coherence.lease_wait,
+        refresh_ahead=s.coherence.refresh_ahead,
     )
 
 
@@ -165,9 +174,12 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[K.SETTINGS]
     stats = Stats()
     l1 = L1(s.l1.max_entries, s.l1.max_ttl)
-    l2 = app[K.REDIS].cache
-    if l2 is not None:
-        l1.serving = False  # L1 is trusted only once the invalidation subscriber is subscribed
+    handles = app[K.REDIS]
+    l2 = handles.cache
+    # with Redis, L1 is trusted only once the invalidation subscriber is subscribed
+    trust = L1Trust(l1, degraded_ttl=s.l1.degraded_ttl, has_redis=l2 is not None)
+    if handles.breaker is not None:
+        handles.breaker.subscribe(lambda _old, new: trust.update(redis_ok=new is BreakerState.CLOSED))
     invalidator = Invalidator(l2, stats)
     common = {"l1": l1, "l2": l2, "policy": build_policy(s), "stats": stats}
     origin = app[K.PG_ORIGIN]
@@ -179,7 +191,7 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
     for actor in actors:
         invalidator.register(actor)
         await actor.start()
-    app[K.STATS], app[K.L1_CACHE], app[K.INVALIDATOR] = stats, l1, invalidator
+    app[K.STATS], app[K.L1_CACHE], app[K.INVALIDATOR], app[K.L1_TRUST] = stats, l1, invalidator, trust
     app[K.RATES], app[K.FEES] = rates, fees
     app[K.BALANCES], app[K.TRUSTLINES] = balances, trustlines
     try:
@@ -198,7 +210,7 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
     if handles.cache is None or handles.url is None:
         yield
         return
-    l1, invalidator, stats = app[K.L1_CACHE], app[K.INVALIDATOR], app[K.STATS]
+    invalidator, stats, trust = app[K.INVALIDATOR], app[K.STATS], app[K.L1_TRUST]
 
     async def on_message(keys: tuple[str, ...], patterns: tuple[str, ...], _msg: dict[str, object]) -> None:
         for name in (*keys, *patterns):
@@ -208,14 +220,10 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
         await invalidator.apply_local(keys, patterns)
 
     async def on_gap() -> None:
-        l1.stop_serving()  # at once: nothing this instance holds can be trusted across the gap
-        for actor in invalidator.actors:
-            actor.clear_flights()
+        trust.update(subscribed=False)  # at once: nothing L1 holds can be trusted across the gap
 
     async def on_subscribed() -> None:
-        for actor in invalidator.actors:
-            actor.clear_flights()  # loads that straddled the gap are not installed
-        l1.resume_serving()
+        trust.update(subscribed=True, force=True)  # cleared again: loads that straddled the gap never fill
         await invalidator.replay_pending()
 
     # the subscriber has its own connection, outside the request pool
@@ -234,6 +242,7 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
         on_gap=on_gap,
         on_subscribed=on_subscribed,
         heartbeat=s.coherence.heartbeat,
+        publish_timeout=s.redis.op_timeout,
     )
     invalidator.bus = bus
     app[K.BUS] = bus
@@ -252,4 +261,9 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
 async def lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
     app[K.LIFECYCLE].phase = K.Phase.READY
     yield
+    app[K.LIFECYCLE].phase = K.Phase.DRAINING
+
+
+async def _draining(app: web.Application) -> None:
+    """on_shutdown: the listener is closed and in-flight requests are finishing; say so on /health/ready."""
     app[K.LIFECYCLE].phase = K.Phase.DRAINING

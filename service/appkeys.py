@@ -10,11 +10,12 @@ import asyncpg
 from aiohttp import web
 
 from actors.fees import FeesActor
-from actors.invalidation import Invalidator
+from actors.invalidation import Invalidator, L1Trust
 from actors.rates import RatesActor
 from actors.stats import Stats
 from actors.wallets import BalancesActor, TrustlinesActor
 from service.config import Settings
+from tiers.breaker import Breaker
 from tiers.bus import InvalidationBus
 from tiers.horizon import HorizonOrigin
 from tiers.l1 import L1
@@ -42,6 +43,7 @@ class RedisHandles:
     url: str | None
     cache: RedisCache | None
     pool: ManagedPool | None
+    breaker: Breaker | None = None
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -53,6 +55,7 @@ REDIS = web.AppKey("redis", RedisHandles)
 L1_CACHE = web.AppKey("l1", L1)
 STATS = web.AppKey("stats", Stats)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
+L1_TRUST = web.AppKey("l1_trust", L1Trust)
 RATES = web.AppKey("rates", RatesActor)
 FEES = web.AppKey("fees", FeesActor)
 HORIZON = web.AppKey("horizon", HorizonOrigin)

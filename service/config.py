@@ -60,6 +60,10 @@ class RedisSettings:
     idle_timeout: float
     health_check_interval: float
     command_timeout: float
+    op_timeout: float
+    breaker_failures: int
+    breaker_reset: float
+    breaker_reset_max: float
     channel: str
 
     @property
@@ -84,6 +88,7 @@ class HorizonSettings:
     url: str
     timeout: float
     network_passphrase: str
+    max_concurrency: int = 8
     assets: tuple[PlatformAsset, ...] = ()
 
 
@@ -91,6 +96,7 @@ class HorizonSettings:
 class L1Settings:
     max_entries: int
     max_ttl: float
+    degraded_ttl: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +104,7 @@ class CoherenceSettings:
     heartbeat: float
     lease_ttl: float
     lease_wait: float
+    refresh_ahead: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +291,10 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
             "REDIS_HEALTH_CHECK_INTERVAL", rv("health_check_interval", "REDIS_HEALTH_CHECK_INTERVAL")
         ),
         command_timeout=_float("REDIS_COMMAND_TIMEOUT", rv("command_timeout", "REDIS_COMMAND_TIMEOUT")),
+        op_timeout=_float("REDIS_OP_TIMEOUT", rv("op_timeout", "REDIS_OP_TIMEOUT")),
+        breaker_failures=_int("redis.breaker_failures", rv("breaker_failures", None), minimum=1),
+        breaker_reset=_float("redis.breaker_reset", rv("breaker_reset", None)),
+        breaker_reset_max=_float("redis.breaker_reset_max", rv("breaker_reset_max", None)),
         channel=_str("redis.channel", rv("channel", None)) or "aframp:v1:invalidations",
     )
 
@@ -293,6 +304,9 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         network_passphrase=_str(
             "horizon.network_passphrase", _pick(h, "network_passphrase", env, None, "horizon.network_passphrase")
         ),
+        max_concurrency=_int(
+            "horizon.max_concurrency", _pick(h, "max_concurrency", env, None, "horizon.max_concurrency"), minimum=1
+        ),
         assets=_assets(h.get("assets", [])),
     )
 
@@ -301,6 +315,7 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
             "L1_MAX_ENTRIES", _pick(l1, "max_entries", env, "L1_MAX_ENTRIES", "l1.max_entries"), minimum=1
         ),
         max_ttl=_float("L1_MAX_TTL", _pick(l1, "max_ttl", env, "L1_MAX_TTL", "l1.max_ttl")),
+        degraded_ttl=_float("l1.degraded_ttl", _pick(l1, "degraded_ttl", env, None, "l1.degraded_ttl"), positive=False),
     )
 
     ttl: dict[DataType, float] = {}
@@ -318,6 +333,9 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         heartbeat=_float("coherence.heartbeat", _pick(c, "heartbeat", env, None, "coherence.heartbeat")),
         lease_ttl=_float("coherence.lease_ttl", _pick(c, "lease_ttl", env, None, "coherence.lease_ttl")),
         lease_wait=_float("coherence.lease_wait", _pick(c, "lease_wait", env, None, "coherence.lease_wait")),
+        refresh_ahead=_float(
+            "coherence.refresh_ahead", _pick(c, "refresh_ahead", env, None, "coherence.refresh_ahead"), positive=False
+        ),
     )
 
     otel = {k: v for k, v in env.items() if k.startswith("OTEL_")}

@@ -215,9 +215,26 @@ async def test_rate_limited_is_503_with_retry_after(wallet_client, horizon):
     assert r.headers["Content-Type"].startswith(PROBLEM)
     r = await client.get(f"/v1/wallets/{g}/trustlines/USDC/{USDC_ISSUER}")
     assert r.status == 503 and r.headers["Retry-After"] == "17"
-    horizon.mode = None  # errors are not cached
+    # politeness: for as long as Horizon asked, it is not asked again
+    assert horizon.calls[g] == 1
+
+
+async def test_after_429_horizon_is_asked_again_once_retry_after_passed(wallet_client, horizon):
+    g = new_account()
+    horizon.fund(g)
+    horizon.mode, horizon.retry_after = "rate_limit", "1"
+    client = await wallet_client()
+    assert (await client.get(f"/v1/wallets/{g}/balances")).status == 503
+    horizon.mode = None  # Horizon is fine again, but asked us to wait one second
     r = await client.get(f"/v1/wallets/{g}/balances")
-    assert r.status == 200 and r.headers["X-Cache"] == "MISS"
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    assert horizon.calls[g] == 1
+
+    async def answered() -> bool:  # errors are not cached: once the second has passed, it loads
+        return (await client.get(f"/v1/wallets/{g}/balances")).status == 200
+
+    await eventually(answered, timeout=5)
+    assert horizon.calls[g] == 2
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])

@@ -48,6 +48,7 @@ class InvalidationBus:
         on_subscribed: OnEvent,
         heartbeat: float = 1.0,
         reconnect_max: float = 2.0,
+        publish_timeout: float = 0.5,
     ) -> None:
         self.client = client  # publishes (pooled connections)
         self.subscriber = subscriber or client  # its own connection for SUBSCRIBE
@@ -58,6 +59,7 @@ class InvalidationBus:
         self.on_subscribed = on_subscribed
         self.heartbeat = heartbeat
         self.reconnect_max = reconnect_max
+        self.publish_timeout = publish_timeout
         self.subscribed = False
         self.seq = 0
         self.received = 0
@@ -75,7 +77,8 @@ class InvalidationBus:
         self.seq += 1
         msg = {"instance": self.id, "seq": self.seq, "keys": list(keys), "patterns": list(patterns), **extra}
         try:
-            await self.client.publish(self.channel, orjson.dumps(msg))
+            async with asyncio.timeout(self.publish_timeout):
+                await self.client.publish(self.channel, orjson.dumps(msg))
         except (RedisError, OSError, TimeoutError) as err:
             raise CacheUnavailable(f"redis PUBLISH: {type(err).__name__}: {err}") from err
 
@@ -140,7 +143,8 @@ class InvalidationBus:
             if awaiting is None and now >= next_ping:
                 ping_seq += 1
                 awaiting = (ping_seq, now + self.heartbeat)
-                await self.client.publish(self.channel, orjson.dumps({"instance": self.id, "ping": ping_seq}))
+                async with asyncio.timeout(self.heartbeat):
+                    await self.client.publish(self.channel, orjson.dumps({"instance": self.id, "ping": ping_seq}))
             until = awaiting[1] if awaiting is not None else next_ping
             msg = await ps.get_message(ignore_subscribe_messages=True, timeout=max(0.005, until - now))
             if msg is None or msg.get("type") != "message":

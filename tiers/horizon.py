@@ -12,8 +12,10 @@ An account that is not on the ledger (Horizon 404) is ``None``. ``asyncio.Cancel
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -93,21 +95,50 @@ async def translate(op: str) -> AsyncIterator[None]:
 
 
 class HorizonOrigin:
-    def __init__(self, server: ServerAsync) -> None:
+    """Polite to Horizon: at most ``max_concurrency`` requests in flight, and after a 429 no request at all
+    until its ``Retry-After`` has passed (callers get OriginRateLimited at once, with the time left)."""
+
+    def __init__(
+        self,
+        server: ServerAsync,
+        *,
+        max_concurrency: int = 8,
+        default_backoff: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.server = server
         self.loads = 0  # account requests issued, for stats and tests
+        self.refused_while_limited = 0
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._limited_until = 0.0
+        self._default_backoff = default_backoff
+        self._clock = clock
+
+    def _check_backoff(self, op: str) -> None:
+        left = self._limited_until - self._clock()
+        if left > 0:
+            self.refused_while_limited += 1
+            raise OriginRateLimited(ORIGIN, f"{op}: rate limited by Horizon, not asking again yet", retry_after=left)
 
     async def account(self, account_id: str) -> dict[str, Any] | None:
         # The SDK formats the URL with no validation: a caller's bug must never become a request to another path.
         if not StrKey.is_valid_ed25519_public_key(account_id):
             raise ValueError(f"not a G... account id: {account_id!r}")
-        self.loads += 1
         op = f"account {account_id}"
-        async with translate(op):
+        self._check_backoff(op)
+        async with self._slots:
+            self._check_backoff(op)  # a 429 may have arrived while this call waited for a slot
+            self.loads += 1
             try:
-                doc = await self.server.accounts().account_id(account_id).call()
-            except NotFoundError:
-                return None
+                async with translate(op):
+                    try:
+                        doc = await self.server.accounts().account_id(account_id).call()
+                    except NotFoundError:
+                        return None
+            except OriginRateLimited as err:
+                wait = err.retry_after if err.retry_after is not None else self._default_backoff
+                self._limited_until = max(self._limited_until, self._clock() + wait)
+                raise
         if not isinstance(doc, dict) or not isinstance(doc.get("balances"), list):
             raise OriginBadGateway(ORIGIN, f"{op}: Horizon's answer is not an account document")
         return doc

@@ -47,6 +47,7 @@ class L1:
         self._last: LRUCache[str, Entry] = LRUCache(maxsize=max_entries)
         self.serving = True
         self.mode = "normal"
+        self.epoch = 0  # bumped by every mode change: a load begun in an older epoch never fills L1
 
     # ---- reads (hot path)
     def get(self, key: str) -> Entry | None:
@@ -126,6 +127,7 @@ class L1:
     def set_mode(self, mode: str, degraded_ttl: float = 1.0) -> None:
         """normal: serve, cap max_ttl; degraded: serve, cap degraded_ttl; off: serve nothing. Always clears."""
         self.clear()
+        self.epoch += 1
         self.mode = mode
         self.serving = mode != "off"
         self.cap = degraded_ttl if mode == "degraded" else self.max_ttl

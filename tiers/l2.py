@@ -60,6 +60,12 @@ end
 return 0
 """
 
+# KEYS[1]=lease ; ARGV[1]=token. Give a lease back (the load failed), only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS = value keys, then group index keys; ARGV[1] = how many value keys. Returns value keys unlinked.
 _INVALIDATE = """
 local n = 0
@@ -101,19 +107,9 @@ class L2(Protocol):
 
     async def read(self, key: str) -> codec.Stored | None: ...
     async def acquire(self, key: str, token: str, lease_ms: int, group: str | None) -> Acquire: ...
-    async def try_lease(self, key: str, token: str, lease_ms: int, group: str | None = None) -> bool:
-        """Take the key's lease if nobody holds it (a background refresh of a still-fresh value)."""
-        async with self._guard("SET NX lease"):
-            if group:
-                async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.set(key + LEASE_SUFFIX, token, nx=True, px=lease_ms)
-                    pipe.sadd(group, key)
-                    pipe.pexpire(group, 24 * 3600 * 1000)
-                    won, _, _ = await pipe.execute()
-                    return bool(won)
-            return bool(await self.client.set(key + LEASE_SUFFIX, token, nx=True, px=lease_ms))
-
+    async def try_lease(self, key: str, token: str, lease_ms: int, group: str | None = None) -> bool: ...
     async def fill(self, key: str, token: str, value: bytes, px: int) -> bool: ...
+    async def release(self, key: str, token: str) -> bool: ...
     async def invalidate(self, keys: Sequence[str], groups: Sequence[str], patterns: Sequence[str]) -> int: ...
 
 
@@ -140,6 +136,7 @@ class RedisCache:
         self._fill = client.register_script(_FILL)
         self._invalidate = client.register_script(_INVALIDATE)
         self._incr_ttl = client.register_script(_INCR_TTL)
+        self._release = client.register_script(_RELEASE)
 
     @asynccontextmanager
     async def _guard(self, op: str) -> AsyncIterator[None]:
@@ -273,6 +270,11 @@ class RedisCache:
                     won, _, _ = await pipe.execute()
                     return bool(won)
             return bool(await self.client.set(key + LEASE_SUFFIX, token, nx=True, px=lease_ms))
+
+    async def release(self, key: str, token: str) -> bool:
+        """Give back a lease whose load failed, so peers stop waiting for a fill that will not come."""
+        async with self._guard("EVALSHA release"):
+            return bool(await self._release(keys=[key + LEASE_SUFFIX], args=[token]))
 
     async def fill(self, key: str, token: str, value: bytes, px: int) -> bool:
         async with self._guard("EVALSHA fill"):
