@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from actors.cache_actor import CacheActor, Install, Invalidate, Outcome
@@ -36,6 +36,8 @@ class Invalidator:
         self.actors: list[CacheActor] = []
         self.bus: Publisher | None = None  # set by the composition root once the bus exists
         self.pending: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+        self.on_pending: Callable[[bool], None] | None = None  # told whether anything is pending
+        self._pending_added = asyncio.Event()
 
     def register(self, actor: CacheActor) -> None:
         self.actors.append(actor)
@@ -72,7 +74,7 @@ class Invalidator:
                 failure = err
         if failure is not None:
             log.warning("invalidation deferred until Redis returns: %s", failure)
-            self.pending.append((keys, patterns))
+            self._defer(keys, patterns)
             return Outcome(deleted, False)
         return Outcome(deleted, True)
 
@@ -109,9 +111,23 @@ class Invalidator:
                 failure = err
         if failure is not None:
             log.warning("replacement of %s deferred until Redis returns: %s", rendered, failure)
-            self.pending.append(((rendered,), ()))
+            self._defer((rendered,), ())
             return Outcome(0, False)
         return Outcome(0, True)
+
+    def _defer(self, keys: tuple[str, ...], patterns: tuple[str, ...]) -> None:
+        self.pending.append((keys, patterns))
+        self._pending_added.set()
+        if self.on_pending is not None:
+            self.on_pending(True)
+
+    async def run_replayer(self, retry: float = 0.5) -> None:
+        """Background task (owned by the composition root): replay deferred invalidations until none is left."""
+        while True:
+            await self._pending_added.wait()
+            self._pending_added.clear()
+            while not await self.replay_pending():
+                await asyncio.sleep(retry)  # Redis is still away: retry periodically
 
     async def replay_pending(self) -> bool:
         """Re-send deferred invalidations; True when none is left."""
@@ -127,6 +143,8 @@ class Invalidator:
             except CacheUnavailable:
                 return False
             self.pending.pop(0)
+            if not self.pending and self.on_pending is not None:
+                self.on_pending(False)
         return True
 
     async def apply_local(self, keys: Sequence[str], patterns: Sequence[str]) -> int:
@@ -144,7 +162,8 @@ class Invalidator:
 class L1Trust:
     """Decides what this instance's L1 may serve, from the two signals that make it trustworthy.
 
-    * subscribed to the invalidation bus: normal (entries live up to ``l1.max_ttl``);
+    * subscribed to the invalidation bus, no invalidation of ours waiting to be replayed: normal (entries live
+      up to ``l1.max_ttl``);
     * not subscribed, Redis reachable: off (reads go to Redis, which every writer clears first);
     * not subscribed, Redis down (breaker open): degraded (entries live up to ``l1.degraded_ttl``, so origin
       load stays bounded and staleness is bounded by that cap);
@@ -159,17 +178,27 @@ class L1Trust:
         self.has_redis = has_redis
         self.subscribed = False
         self.redis_ok = True
+        self.pending = False
         self.changes = 0
         self._apply(force=True)
 
     def mode(self) -> str:
-        if not self.has_redis or self.subscribed:
+        if not self.has_redis or (self.subscribed and not self.pending):
             return "normal"
         return "off" if self.redis_ok else "degraded"
 
-    def update(self, *, subscribed: bool | None = None, redis_ok: bool | None = None, force: bool = False) -> None:
+    def update(
+        self,
+        *,
+        subscribed: bool | None = None,
+        redis_ok: bool | None = None,
+        pending: bool | None = None,
+        force: bool = False,
+    ) -> None:
         if subscribed is not None:
             self.subscribed = subscribed
+        if pending is not None:
+            self.pending = pending
         if redis_ok is not None:
             self.redis_ok = redis_ok
         self._apply(force)
@@ -178,5 +207,7 @@ class L1Trust:
         mode = self.mode()
         if force or mode != self.l1.mode:
             self.changes += 1
-            log.info("L1 trust: %s (subscribed=%s, redis=%s)", mode, self.subscribed, self.redis_ok)
+            log.info(
+                "L1 trust: %s (subscribed=%s, redis=%s, pending=%s)", mode, self.subscribed, self.redis_ok, self.pending
+            )
             self.l1.set_mode(mode, self.degraded_ttl)

@@ -15,6 +15,7 @@ COUNTERS = (
     "load_errors",
     "stale_served",
     "fills_rejected",
+    "refreshes",
     "invalidations_sent",
     "invalidations_received",
 )

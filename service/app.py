@@ -223,8 +223,11 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
         trust.update(subscribed=False)  # at once: nothing L1 holds can be trusted across the gap
 
     async def on_subscribed() -> None:
-        trust.update(subscribed=True, force=True)  # cleared again: loads that straddled the gap never fill
-        await invalidator.replay_pending()
+        if handles.breaker is not None:
+            handles.breaker.probe_now()  # the subscriber reached Redis: probe it now rather than later
+        await invalidator.replay_pending()  # our own deferred writes first, so L1 cannot refill them stale
+        # cleared again: loads that straddled the gap never fill
+        trust.update(subscribed=True, pending=bool(invalidator.pending), force=True)
 
     # the subscriber has its own connection, outside the request pool
     sub_client = aioredis.Redis.from_url(
@@ -245,12 +248,16 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
         publish_timeout=s.redis.op_timeout,
     )
     invalidator.bus = bus
+    invalidator.on_pending = lambda pending: trust.update(pending=pending)
     app[K.BUS] = bus
     task = asyncio.create_task(bus.run(), name="invalidation-subscriber")
+    replayer = asyncio.create_task(invalidator.run_replayer(), name="invalidation-replayer")
     try:
         yield
     finally:
         invalidator.bus = None
+        invalidator.on_pending = None
+        await cancel_and_wait(replayer)
         await cancel_and_wait(task)
         await sub_client.aclose()
 

@@ -1,7 +1,8 @@
 """A TCP proxy for failure tests: forwards bytes both ways until told to black-hole them.
 
 ``blackhole()`` keeps every socket open but stops forwarding (a silently dead peer); ``resume()`` forwards
-again; ``cut()`` closes every connection (a reset).
+again; ``cut()`` closes every connection (a reset); ``down()`` cuts and refuses new connections (the server
+is gone) until ``up()`` listens again on the same port.
 """
 
 from __future__ import annotations
@@ -21,9 +22,21 @@ class TcpProxy:
         self.port = 0
 
     async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
+
+    async def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self.cut()
+            await self._server.wait_closed()
+            self._server = None
+        self.cut()
+
+    async def up(self) -> None:
+        if self._server is None:
+            await self.start()
 
     def blackhole(self) -> None:
         self._flowing.clear()
@@ -38,6 +51,7 @@ class TcpProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            self._server = None
         self.cut()
         for t in list(self._tasks):
             t.cancel()

@@ -70,6 +70,11 @@ class Breaker:
         self.probe_in_flight = True
         return True
 
+    def probe_now(self) -> None:
+        """Another signal says Redis is back (the subscriber reconnected): let the next call probe at once."""
+        if self.state is State.OPEN:
+            self.opened_at = float("-inf")
+
     def abandon(self) -> None:
         """The call ended without a verdict (cancelled): free the probe slot."""
         self.probe_in_flight = False

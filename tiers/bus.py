@@ -128,9 +128,9 @@ class InvalidationBus:
             if time.monotonic() >= deadline:
                 raise _HeartbeatLost("no subscribe confirmation")
         self._last_seq.clear()  # sequences restart being tracked from this subscription on
+        await self.on_subscribed()
         self.subscribed = True
         self.connected_event.set()
-        await self.on_subscribed()
         log.info("invalidation subscriber on %s as %s", self.channel, self.id)
 
         ping_seq = 0
