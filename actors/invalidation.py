@@ -126,8 +126,8 @@ class Invalidator:
         while True:
             await self._pending_added.wait()
             self._pending_added.clear()
-            while not await self.replay_pending():
-                await asyncio.sleep(retry)  # Redis is still away: retry periodically
+            while not await self.replay_pending():  # noqa: ASYNC110 - Redis away: periodic retry, no event to await
+                await asyncio.sleep(retry)
 
     async def replay_pending(self) -> bool:
         """Re-send deferred invalidations; True when none is left."""

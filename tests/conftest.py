@@ -221,7 +221,11 @@ def wallet_client(
     return start
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    timeout: float = 5.0,  # noqa: ASYNC109 - a deadline for a poll, not an operation timeout
+    interval: float = 0.01,
+) -> None:
     """Poll ``check`` until it is true or the deadline passes (then fail)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -82,9 +82,7 @@ def test_breaker_transitions():
     ]
 
 
-async def test_requests_while_redis_is_silent_do_not_wait_for_socket_timeouts(
-    make_client, settings_factory, redis_url
-):
+async def test_requests_while_redis_is_silent_do_not_wait_for_socket_timeouts(make_client, settings_factory, redis_url):
     proxy = await proxy_for(redis_url)
     try:
         client = await make_client(settings_factory(env={"REDIS_URL": via(redis_url, proxy)}))
@@ -297,7 +295,7 @@ async def test_sigterm_drains_in_flight_requests(pg, pg_dsn, redis_url, redis_cl
         "PORT": str(port),
         "AFRAMP_DATA_DIR": str(tmp_path),
     }
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 - starting the server under test, once
         [sys.executable, "-m", "service", "serve", "--config", str(ROOT / "config.toml")],
         cwd=ROOT,
         env=env,
@@ -335,7 +333,7 @@ async def test_sigterm_drains_in_flight_requests(pg, pg_dsn, redis_url, redis_cl
 
             async def refusing() -> bool:
                 try:
-                    async with http.get(base + "/health/live") as r:
+                    async with http.get(base + "/health/live"):
                         return False
                 except aiohttp.ClientError:
                     return True

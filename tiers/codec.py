@@ -1,9 +1,9 @@
 """How cached values are stored in Redis: a tiny header, then the orjson body bytes. Never pickle.
 
-``1|<fresh_until_ms>|<loaded_at_ms>|<body>`` (``s|…`` for a short answer: an absence, such as a trustline
-that does not exist, which is never served stale nor refreshed ahead): the body is the JSON the service answers with (``null`` for a
-cached "does not exist"), so an L2 hit does no JSON work. ``fresh_until`` is the logical expiry; the Redis key
-lives longer (max-stale) so a last-known value can be served when the origin fails.
+``1|<fresh_until_ms>|<loaded_at_ms>|<body>``: the body is the JSON the service answers with (``null`` for a
+cached "does not exist"), so an L2 hit does no JSON work. ``s|...`` marks a short answer (an absence, such as a
+trustline that does not exist), never served stale nor refreshed ahead. ``fresh_until`` is the logical expiry;
+the Redis key lives longer (max-stale) so a last-known value can be served when the origin fails.
 """
 
 from __future__ import annotations
