@@ -189,6 +189,24 @@ class CacheActor(Actor):
             return Lookup(entry.body, Source.L1, entry.loaded_at)
         return await self.ask(Load(key))
 
+    async def warm(self, keys_: list[CacheKey], concurrency: int = 8) -> int:
+        """Read ``keys_`` through the normal path (so warming is coherent and single-flight); returns how many
+        answered. Failures are counted, not raised: warming is best effort."""
+        slots = asyncio.Semaphore(concurrency)
+        done = 0
+
+        async def one(key: CacheKey) -> None:
+            nonlocal done
+            async with slots:
+                try:
+                    await self.get(key)
+                    done += 1
+                except (OriginError, ActorStopped):
+                    pass
+
+        await asyncio.gather(*(one(k) for k in keys_))
+        return done
+
     # ------------------------------------------------------------ subclass API
     async def origin(self, key: CacheKey) -> bytes | Answer | None:
         raise NotImplementedError

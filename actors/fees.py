@@ -36,6 +36,10 @@ class FeesActor(CacheActor):
         row = await self._origin.get_fee(key.parts[0])
         return codec.dumps(row) if row is not None else None
 
+    async def warm_all(self, limit: int) -> int:
+        """Cache warming: every fee structure (there are few)."""
+        return await self.warm([keys.fee_structure(t) for t in await self._origin.list_fee_types(limit)])
+
     def receive_other(self, msg: Any) -> Any:
         if isinstance(msg, PutFee):
             return self.spawn(self._put(msg), name="fees:put")

@@ -66,6 +66,10 @@ class RatesActor(CacheActor):
             }
         )
 
+    async def warm_all(self, limit: int) -> int:
+        """Cache warming: the most recently updated pairs."""
+        return await self.warm([keys.rate(b, q) for b, q in await self._origin.list_pairs(limit)])
+
     async def conversion(self, amount: str, from_: str, to: str) -> Lookup:
         return await self.get(keys.conversion(amount, from_, to))
 

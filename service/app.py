@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
@@ -30,6 +31,7 @@ from tiers import horizon, postgres
 from tiers.breaker import Breaker
 from tiers.breaker import State as BreakerState
 from tiers.bus import InvalidationBus
+from tiers.errors import OriginError
 from tiers.keys import namespace_of
 from tiers.l1 import L1
 from tiers.l2 import RedisCache
@@ -264,9 +266,33 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[K.LIFECYCLE].phase = K.Phase.READY
-    yield
-    app[K.LIFECYCLE].phase = K.Phase.DRAINING
+    """Ready once the cache is warm (or warming took too long); draining from shutdown on."""
+    task = asyncio.create_task(_warm_then_ready(app), name="cache-warming")
+    try:
+        yield
+    finally:
+        app[K.LIFECYCLE].phase = K.Phase.DRAINING
+        await cancel_and_wait(task)
+
+
+async def _warm_then_ready(app: web.Application) -> None:
+    s = app[K.SETTINGS].server
+    try:
+        if s.warm_limit > 0:
+            started = time.monotonic()
+            async with asyncio.timeout(s.warm_timeout):
+                rates = await app[K.RATES].warm_all(s.warm_limit)
+                fees = await app[K.FEES].warm_all(s.warm_limit)
+            log.info("cache warm: %d rates, %d fee structures in %.2fs", rates, fees, time.monotonic() - started)
+    except TimeoutError:
+        log.warning("cache warming did not finish within %.1fs; serving anyway", s.warm_timeout)
+    except OriginError as err:
+        log.warning("cache warming skipped: %s", err)
+    except Exception:  # warming is best effort: a bug there must not keep the instance out of service
+        log.exception("cache warming failed; serving anyway")
+    finally:
+        if app[K.LIFECYCLE].phase is K.Phase.STARTING:
+            app[K.LIFECYCLE].phase = K.Phase.READY
 
 
 async def _draining(app: web.Application) -> None:

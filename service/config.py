@@ -35,6 +35,8 @@ class ServerSettings:
     data_dir: Path
     shutdown_grace: float
     access_log: bool
+    warm_limit: int = 1000
+    warm_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +259,10 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         data_dir=Path(_str("AFRAMP_DATA_DIR", _pick(s, "data_dir", env, "AFRAMP_DATA_DIR", "server.data_dir"))),
         shutdown_grace=_float("server.shutdown_grace", _pick(s, "shutdown_grace", env, None, "server.shutdown_grace")),
         access_log=_bool("server.access_log", _pick(s, "access_log", env, None, "server.access_log")),
+        warm_limit=_int(
+            "AFRAMP_WARM_LIMIT", _pick(s, "warm_limit", env, "AFRAMP_WARM_LIMIT", "server.warm_limit"), minimum=0
+        ),
+        warm_timeout=_float("server.warm_timeout", _pick(s, "warm_timeout", env, None, "server.warm_timeout")),
     )
     if server.admin_token and len(server.admin_token) < 16:
         raise ConfigError("ADMIN_TOKEN: must be at least 16 characters (or empty to close admin endpoints)")

@@ -141,6 +141,7 @@ def settings_factory(pg_dsn: str, redis_url: str, channel: str, tmp_path: Path) 
             "INSTANCE_ID": f"test-{secrets.token_hex(3)}",
             "AFRAMP_DATA_DIR": str(tmp_path / "data"),
             "REDIS_MIN_IDLE": "1",
+            "AFRAMP_WARM_LIMIT": "0",
         }
         base_env.update(env or {})
         s = load_settings(ROOT / "config.toml", base_env)
@@ -175,10 +176,15 @@ async def make_client(
         await client.start_server()
         clients.append(client)
         await _seed(pg)
-        if wait_subscribed and s.redis.url != "none":
-            from service import appkeys as K
+        from service import appkeys as K
 
+        if wait_subscribed and s.redis.url != "none":
             await asyncio.wait_for(app[K.BUS].connected_event.wait(), 5)
+
+        async def ready() -> bool:
+            return app[K.LIFECYCLE].phase is K.Phase.READY
+
+        await eventually(ready, timeout=15)
         return client
 
     yield start

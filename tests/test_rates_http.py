@@ -207,3 +207,13 @@ async def test_runs_without_redis(make_client, settings_factory, redis_url_value
     assert (await (await client.get("/v1/rates/CNGN/USD")).json())["rate"] == "0.0007"
     ready = await (await client.get("/health/ready")).json()
     assert ready["status"] == "ok" and ready["redis_mode"] == "disabled"
+
+
+async def test_cache_warming_at_start_up(make_client, settings_factory):
+    await make_client()  # seeds the rows
+    client = await make_client(settings_factory(env={"AFRAMP_WARM_LIMIT": "100"}))
+    # ready only after warming: every rate and fee structure is already in this instance's L1
+    for path in ("/v1/rates/CNGN/USD", "/v1/rates/USD/CNGN", "/v1/rates/XLM/USD", "/v1/fees/onramp"):
+        r = await client.get(path)
+        assert r.status == 200 and r.headers["X-Cache"] == "L1", path
+    assert client.app[K.LIFECYCLE].phase is K.Phase.READY

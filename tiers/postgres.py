@@ -66,12 +66,14 @@ def fee_row(r: asyncpg.Record) -> dict[str, Any]:
 
 class RatesOrigin(Protocol):
     async def get_rate(self, base: str, quote: str) -> dict[str, Any] | None: ...
+    async def list_pairs(self, limit: int) -> list[tuple[str, str]]: ...
     async def upsert_rate(self, base: str, quote: str, rate: Decimal, source: str) -> dict[str, Any]: ...
     async def delete_rate(self, base: str, quote: str) -> bool: ...
 
 
 class FeesOrigin(Protocol):
     async def get_fee(self, fee_type: str) -> dict[str, Any] | None: ...
+    async def list_fee_types(self, limit: int) -> list[str]: ...
     async def upsert_fee(self, fee_type: str, fee: dict[str, Any]) -> dict[str, Any]: ...
 
 
@@ -115,6 +117,21 @@ class PostgresOrigin:
             quote,
         )
         return rate_row(r) if r else None
+
+    async def list_pairs(self, limit: int) -> list[tuple[str, str]]:
+        """The most recently updated pairs, for cache warming."""
+        async with translate("list pairs"):
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+                rows = await conn.fetch(
+                    "SELECT base, quote FROM exchange_rates ORDER BY updated_at DESC LIMIT $1", limit
+                )
+        return [(r["base"], r["quote"]) for r in rows]
+
+    async def list_fee_types(self, limit: int) -> list[str]:
+        async with translate("list fee types"):
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+                rows = await conn.fetch("SELECT fee_type FROM fee_structures ORDER BY fee_type LIMIT $1", limit)
+        return [r["fee_type"] for r in rows]
 
     async def upsert_rate(self, base: str, quote: str, rate: Decimal, source: str) -> dict[str, Any]:
         r = await self._fetchrow(
