@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from opentelemetry.trace import Tracer
+
 from actors.base import Actor, ActorStopped
 from actors.stats import Stats
+from service.telemetry import A_OUTCOME, key_attributes, l1_span
 from tiers import codec
 from tiers.errors import CacheUnavailable, OriginError
 from tiers.keys import CacheKey, DataType, Namespace, group_for_pattern, group_of, namespace_of
@@ -123,6 +126,20 @@ class _Flight:
     future: asyncio.Future[Lookup] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class _NoSpan:
+    def __enter__(self) -> _NoSpan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def set_attribute(self, key: str, value: object) -> None:
+        pass
+
+
+_NO_SPAN = _NoSpan()
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     """Mark a shared load's outcome as retrieved even if every asker went away."""
     if not fut.cancelled():
@@ -133,6 +150,7 @@ class CacheActor(Actor):
     """Subclasses set ``namespaces`` and implement ``origin(key)`` → body bytes, or None when it does not exist."""
 
     namespaces: frozenset[Namespace] = frozenset()
+    tracer: Tracer | None = None  # set by the composition root when spans are recorded
 
     def __init__(self, *, l1: L1, l2: L2 | None, policy: Policy, stats: Stats) -> None:
         super().__init__()
@@ -150,8 +168,16 @@ class CacheActor(Actor):
         entry = self.l1.get(rendered)
         if entry is not None:
             self.stats.inc(key.namespace.data_type, "l1_hits")
+            if self.tracer is not None:
+                l1_span(self.tracer, key, "hit")
             return Lookup(entry.body, Source.L1, entry.loaded_at)
-        return await self.ask(Load(key))
+        if self.tracer is None:
+            return await self.ask(Load(key))
+        l1_span(self.tracer, key, "miss")
+        with self.tracer.start_as_current_span("cache.load", attributes=key_attributes(key)) as span:
+            lookup = await self.ask(Load(key))
+            span.set_attributes({"cache.source": lookup.source.value, "cache.negative": lookup.negative})
+            return lookup
 
     # ------------------------------------------------------------ subclass API
     async def origin(self, key: CacheKey) -> bytes | None:
@@ -279,7 +305,10 @@ class CacheActor(Actor):
         if l2 is not None:
             try:
                 t0 = time.perf_counter()
-                stored = await l2.read(rendered)
+                with self._span("cache.l2", key, "l2") as span:
+                    stored = await l2.read(rendered)
+                    fresh = stored is not None and stored.fresh(now_ms)
+                    span.set_attribute(A_OUTCOME, "hit" if fresh else "miss" if stored is None else "stale")
                 self.stats.observe(dt, "l2", time.perf_counter() - t0)
                 if stored is not None and stored.fresh(now_ms):
                     return self._l2_hit(key, stored, group)
@@ -307,13 +336,17 @@ class CacheActor(Actor):
         loaded_at = time.time()
         t0 = time.perf_counter()
         try:
-            body = await self.origin(key)
+            with self._span("cache.origin", key, "origin") as span:
+                body = await self.origin(key)
+                span.set_attribute(A_OUTCOME, "miss")
             self.stats.observe(dt, "origin", time.perf_counter() - t0)
         except OriginError:
             self.stats.observe(dt, "origin_error", time.perf_counter() - t0)
             self.stats.inc(dt, "load_errors")
             if stale is not None and self._within_max_stale(dt, stale, loaded_at):
                 self.stats.inc(dt, "stale_served")
+                if self.tracer is not None:
+                    self.tracer.start_span("cache.stale", attributes=key_attributes(key, "l2", "stale")).end()
                 return Lookup(stale.body, Source.STALE, stale.loaded_at_ms / 1000), None
             raise
         if body is None:
@@ -324,7 +357,9 @@ class CacheActor(Actor):
             fresh_until = int((loaded_at + ttl) * 1000)
             px = int((ttl + (0 if negative else self.policy.max_stale.get(dt, 0))) * 1000)
             try:
-                if not await l2.fill(rendered, lease, codec.pack(body, fresh_until, int(loaded_at * 1000)), px):
+                with self._span("cache.fill", key, "l2"):
+                    filled = await l2.fill(rendered, lease, codec.pack(body, fresh_until, int(loaded_at * 1000)), px)
+                if not filled:
                     self.stats.inc(dt, "fills_rejected")
             except CacheUnavailable:
                 pass
@@ -335,6 +370,12 @@ class CacheActor(Actor):
         remaining = (stored.fresh_until_ms - time.time() * 1000) / 1000
         loaded_at = stored.loaded_at_ms / 1000
         return Lookup(stored.body, Source.L2, loaded_at), Entry(stored.body, loaded_at, remaining, group)
+
+    def _span(self, name: str, key: CacheKey, tier: str) -> Any:
+        """A span of one tier step (a no-op context when spans are not recorded)."""
+        if self.tracer is None:
+            return _NO_SPAN
+        return self.tracer.start_as_current_span(name, attributes=key_attributes(key, tier))
 
     def _within_max_stale(self, dt: DataType, stale: codec.Stored, now: float) -> bool:
         past_due = now - stale.fresh_until_ms / 1000

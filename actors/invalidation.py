@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from actors.cache_actor import CacheActor, Invalidate, Outcome
 from actors.stats import Stats
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
-    async def publish(self, keys: Sequence[str], patterns: Sequence[str]) -> None: ...
+    async def publish(self, keys: Sequence[str], patterns: Sequence[str], **extra: Any) -> None: ...
 
 
 class Invalidator:
@@ -33,6 +33,8 @@ class Invalidator:
         self.actors: list[CacheActor] = []
         self.bus: Publisher | None = None  # set by the composition root once the bus exists
         self.pending: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+        # extra bus-message fields, e.g. {"trace": {"traceparent": ...}} (set by the composition root)
+        self.trace_fields: Callable[[], dict[str, Any]] = dict
 
     def register(self, actor: CacheActor) -> None:
         self.actors.append(actor)
@@ -64,7 +66,7 @@ class Invalidator:
                 self.stats.inc(ns.data_type, "invalidations_sent")
         if self.bus is not None and failure is None:
             try:
-                await self.bus.publish(keys, patterns)
+                await self.bus.publish(keys, patterns, **self.trace_fields())
             except CacheUnavailable as err:
                 failure = err
         if failure is not None:

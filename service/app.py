@@ -21,8 +21,10 @@ from actors.invalidation import Invalidator
 from actors.rates import RatesActor
 from actors.stats import Stats
 from service import appkeys as K
+from service import logs, telemetry
 from service.config import Settings, redact_url
 from service.embedded import EmbeddedPostgres, EmbeddedRedis
+from service.metrics import Metrics, observe_middleware
 from service.problems import problem_middleware
 from service.routes import setup_routes
 from tiers import postgres
@@ -38,10 +40,14 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[observe_middleware, problem_middleware], client_max_size=64 * 1024)
     app[K.SETTINGS] = settings
     app[K.LIFECYCLE] = K.Lifecycle()
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, actors_ctx, bus_ctx, lifecycle_ctx])
+    app[K.METRICS] = Metrics(app)
+    logs.register_secret(settings.server.admin_token)
+    logs.register_url(settings.postgres.url)
+    logs.register_url(settings.redis.url)
+    app.cleanup_ctx.extend([telemetry_ctx, postgres_ctx, redis_ctx, actors_ctx, bus_ctx, lifecycle_ctx])
     setup_routes(app)
     return app
 
@@ -50,6 +56,19 @@ async def cancel_and_wait(task: asyncio.Task[object]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+# ---------------------------------------------------------------- tracing
+
+
+async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[K.SETTINGS]
+    tel = telemetry.build(s.otel, s.server.instance_id, app.get(K.SPAN_PROCESSOR))
+    app[K.TELEMETRY] = tel
+    try:
+        yield
+    finally:
+        await tel.shutdown()
 
 
 # ---------------------------------------------------------------- Postgres
@@ -107,6 +126,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         idle_timeout=s.idle_timeout,
     )
     client = aioredis.Redis(connection_pool=pool)
+    app[K.TELEMETRY].instrument_redis(client)
     app[K.REDIS] = K.RedisHandles(url, RedisCache(client, pool), pool)
     log.info("redis at %s (pool %d, min idle %d)", redact_url(url), s.max_connections, s.min_idle)
     maintenance = asyncio.create_task(_maintain_pool(pool, s.idle_timeout), name="redis-pool-maintenance")
@@ -152,12 +172,15 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
     if l2 is not None:
         l1.serving = False  # L1 is trusted only once the invalidation subscriber is subscribed
     invalidator = Invalidator(l2, stats)
+    tel = app[K.TELEMETRY]
+    invalidator.trace_fields = tel.inject
     common = {"l1": l1, "l2": l2, "policy": build_policy(s), "stats": stats}
     origin = app[K.PG_ORIGIN]
     rates = RatesActor(origin=origin, invalidator=invalidator, **common)
     fees = FeesActor(origin=origin, invalidator=invalidator, **common)
     actors: list[CacheActor] = [rates, fees]
     for actor in actors:
+        actor.tracer = tel.tracer  # None unless spans are recorded: the L1-hit path then makes none
         invalidator.register(actor)
         await actor.start()
     app[K.STATS], app[K.L1_CACHE], app[K.INVALIDATOR] = stats, l1, invalidator
@@ -179,13 +202,15 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     l1, invalidator, stats = app[K.L1_CACHE], app[K.INVALIDATOR], app[K.STATS]
+    tel = app[K.TELEMETRY]
 
-    async def on_message(keys: tuple[str, ...], patterns: tuple[str, ...], _msg: dict[str, object]) -> None:
-        for name in (*keys, *patterns):
-            ns = namespace_of(name)
-            if ns is not None:
-                stats.inc(ns.data_type, "invalidations_received")
-        await invalidator.apply_local(keys, patterns)
+    async def on_message(keys: tuple[str, ...], patterns: tuple[str, ...], msg: dict[str, object]) -> None:
+        with tel.eviction_span(msg, keys, patterns):  # linked to the writer's span (trace context in the message)
+            for name in (*keys, *patterns):
+                ns = namespace_of(name)
+                if ns is not None:
+                    stats.inc(ns.data_type, "invalidations_received")
+            await invalidator.apply_local(keys, patterns)
 
     async def on_gap() -> None:
         l1.stop_serving()  # at once: nothing this instance holds can be trusted across the gap
@@ -230,6 +255,14 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[K.SETTINGS]
     app[K.LIFECYCLE].phase = K.Phase.READY
+    log.info(
+        "started instance %s (tracing: %s)",
+        s.server.instance_id,
+        app[K.TELEMETRY].mode,
+        extra={"event": "startup", "settings": logs.public_settings(s)},
+    )
     yield
     app[K.LIFECYCLE].phase = K.Phase.DRAINING
+    log.info("draining instance %s", s.server.instance_id, extra={"event": "shutdown"})

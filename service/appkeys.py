@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 import aiohttp
 import asyncpg
 from aiohttp import web
+from opentelemetry.sdk.trace import SpanProcessor
 
 from actors.fees import FeesActor
 from actors.invalidation import Invalidator
 from actors.rates import RatesActor
 from actors.stats import Stats
 from service.config import Settings
+from service.metrics import Metrics
+from service.telemetry import Telemetry
 from tiers.bus import InvalidationBus
 from tiers.l1 import L1
 from tiers.l2 import RedisCache
@@ -55,3 +58,7 @@ RATES = web.AppKey("rates", RatesActor)
 FEES = web.AppKey("fees", FeesActor)
 BUS = web.AppKey("bus", InvalidationBus)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+METRICS = web.AppKey("metrics", Metrics)
+# tests and benchmarks: a span processor to record into (set before the app starts; enables tracing)
+SPAN_PROCESSOR = web.AppKey("span_processor", SpanProcessor)

@@ -198,7 +198,11 @@ async def _seed(pg: asyncpg.Connection) -> None:
     )
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    timeout: float = 5.0,  # noqa: ASYNC109 (a polling deadline)
+    interval: float = 0.01,
+) -> None:
     """Poll ``check`` until it is true or the deadline passes (then fail)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
