@@ -70,7 +70,9 @@ class Invalidator:
             except CacheUnavailable as err:
                 failure = err
         if failure is not None:
-            log.warning("invalidation deferred until Redis returns: %s", failure)
+            log.warning(
+                "invalidation deferred until Redis returns: %s", failure, extra={"event": "invalidation_deferred"}
+            )
             self.pending.append((keys, patterns))
             return Outcome(deleted, False)
         return Outcome(deleted, True)

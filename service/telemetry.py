@@ -168,8 +168,12 @@ def _instrument_process_wide() -> None:
     if aiohttp_server._excluded_urls is None:
         server = aiohttp_server.AioHttpServerInstrumentor()
         if not server.is_instrumented_by_opentelemetry:
-            server.instrument()
-            server.uninstrument()
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # its Application subclass, undone at once
+                server.instrument()
+                server.uninstrument()
     _process_wide_done = True
 
 
@@ -362,24 +366,20 @@ def _namespace_prefix(key: str) -> str:
     return ns.prefix if ns is not None else ""
 
 
-class _RedactingProcessor:
-    """Runs first: takes account ids out of URL attributes before any exporter sees the span."""
+def _redacting_processor() -> Any:
+    from opentelemetry.sdk.trace import SpanProcessor
 
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        attrs = span.attributes or {}
-        for name in _URL_ATTRIBUTES:
-            value = attrs.get(name)
-            if isinstance(value, str) and _ACCOUNT.search(value):
-                span.set_attribute(name, redact(value))
+    class RedactingProcessor(SpanProcessor):
+        """Runs first: takes account ids out of URL attributes before any exporter sees the span."""
 
-    def on_end(self, span: Any) -> None:
-        pass
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            attrs = span.attributes or {}
+            for name in _URL_ATTRIBUTES:
+                value = attrs.get(name)
+                if isinstance(value, str) and _ACCOUNT.search(value):
+                    span.set_attribute(name, redact(value))
 
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+    return RedactingProcessor()
 
 
 def build(otel: Mapping[str, str], instance_id: str, processor: Any = None) -> Telemetry:
@@ -395,7 +395,7 @@ def build(otel: Mapping[str, str], instance_id: str, processor: Any = None) -> T
     sampler = s.ALWAYS_OFF if config.mode == "propagate" else _sampler(config.sampler, config.sampler_arg)
     provider = TracerProvider(sampler=sampler, resource=Resource(dict(config.resource)), shutdown_on_exit=False)
     if config.mode == "record":
-        provider.add_span_processor(_RedactingProcessor())  # type: ignore[arg-type]
+        provider.add_span_processor(_redacting_processor())
         if processor is not None:
             provider.add_span_processor(processor)
         elif config.exporter == "console":
