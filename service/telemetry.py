@@ -4,9 +4,10 @@ Modes (``Telemetry.mode``):
 
 * ``off`` — no OTEL_* variable at all, or ``OTEL_SDK_DISABLED=true``: no provider, no instrumentation, no spans.
   The request path pays one attribute test.
-* ``propagate`` — OTEL_* variables present but ``OTEL_TRACES_EXPORTER`` unset or ``none``: a provider with the
-  ALWAYS_OFF sampler and the library instrumentation installed, so an incoming ``traceparent`` is continued in
-  logs and outgoing calls, but nothing is recorded; the cache's own spans are not created.
+* ``none`` — OTEL_* variables present but ``OTEL_TRACES_EXPORTER`` unset or ``none``: the provider is built (the
+  settings are validated, the resource is known) with the ALWAYS_OFF sampler, but no instrumentation is installed
+  and no span is created: nothing could be exported, and the aiohttp-server middleware alone costs more than half
+  of the L1-hit throughput (docs/OBSERVABILITY.md), so this mode costs what ``off`` costs.
 * ``record`` — ``OTEL_TRACES_EXPORTER=otlp|console`` (or a span processor handed in by a test or benchmark
   through ``app[K.SPAN_PROCESSOR]``): spans are sampled by ``OTEL_TRACES_SAMPLER`` (+ ``_ARG``; default
   ``parentbased_always_on``) and exported in batches.
@@ -106,7 +107,7 @@ class _ChildOnlyTracer(Tracer):
         if self._fixed is not None:
             return self._fixed
         active = _ACTIVE.get()
-        if active is None or active.provider is None:
+        if active is None or not active.enabled:
             return None
         return active.library_tracer(*self._args)
 
@@ -224,7 +225,7 @@ def _resource_attributes(otel: Mapping[str, str], instance_id: str) -> dict[str,
 
 @dataclass(frozen=True)
 class TraceConfig:
-    mode: str  # off | propagate | record
+    mode: str  # off | none | record
     exporter: str  # otlp | console | none
     sampler: str
     sampler_arg: str | None
@@ -246,7 +247,7 @@ def parse(otel: Mapping[str, str], instance_id: str, *, has_processor: bool = Fa
     if disabled or (not otel and not has_processor):
         mode = "off"
     elif exporter == "none" and not has_processor:
-        mode = "propagate"
+        mode = "none"
     else:
         mode = "record"
     return TraceConfig(mode, exporter, sampler, arg, endpoint, _resource_attributes(otel, instance_id))
@@ -264,9 +265,8 @@ class Telemetry:
         self.tracer: Tracer | None = None  # the cache's own spans; None unless recording
         self.server_middleware: Any = None  # the aiohttp-server instrumentation bound to this provider
         self._library_tracers: dict[tuple[Any, ...], Tracer] = {}
-        if provider is not None:
-            if config.mode == "record":
-                self.tracer = provider.get_tracer(TRACER_NAME)
+        if provider is not None and config.mode == "record":
+            self.tracer = provider.get_tracer(TRACER_NAME)
             from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
 
             self.server_middleware = create_aiohttp_middleware(tracer_provider=provider)
@@ -277,7 +277,8 @@ class Telemetry:
 
     @property
     def enabled(self) -> bool:
-        return self.provider is not None
+        """Spans are recorded (and the instrumentations installed)."""
+        return self.tracer is not None
 
     def library_tracer(self, name: str, version: str | None, schema_url: str | None) -> Tracer:
         key = (name, version, schema_url)
@@ -295,13 +296,9 @@ class Telemetry:
         finally:
             _ACTIVE.reset(token)
 
-    def activate(self) -> None:
-        """Like ``active()`` for a whole task (e.g. a background subscriber): set and never reset."""
-        _ACTIVE.set(self)
-
     # ---- instrumentation of this app's clients
     def instrument_redis(self, client: Any) -> None:
-        if self.provider is None:
+        if not self.enabled:
             return
         from opentelemetry.instrumentation.redis import RedisInstrumentor
 
@@ -310,7 +307,7 @@ class Telemetry:
 
     def client_trace_configs(self) -> list[Any]:
         """``trace_configs`` for an outgoing ``aiohttp.ClientSession`` (Horizon): client spans + traceparent."""
-        if self.provider is None:
+        if not self.enabled:
             return []
         from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
@@ -319,7 +316,7 @@ class Telemetry:
     # ---- invalidation messages
     def inject(self) -> dict[str, Any]:
         """Fields to add to a bus message: the W3C context of the current span, if any."""
-        if self.provider is None:
+        if not self.enabled:
             return {}
         carrier: dict[str, str] = {}
         W3C.inject(carrier)
@@ -392,7 +389,7 @@ def build(otel: Mapping[str, str], instance_id: str, processor: Any = None) -> T
     from opentelemetry.sdk.trace import sampling as s
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    sampler = s.ALWAYS_OFF if config.mode == "propagate" else _sampler(config.sampler, config.sampler_arg)
+    sampler = s.ALWAYS_OFF if config.mode == "none" else _sampler(config.sampler, config.sampler_arg)
     provider = TracerProvider(sampler=sampler, resource=Resource(dict(config.resource)), shutdown_on_exit=False)
     if config.mode == "record":
         provider.add_span_processor(_redacting_processor())
@@ -407,5 +404,5 @@ def build(otel: Mapping[str, str], instance_id: str, processor: Any = None) -> T
 
             exporter = OTLPSpanExporter(endpoint=config.endpoint) if config.endpoint else OTLPSpanExporter()
             provider.add_span_processor(BatchSpanProcessor(exporter))
-    _instrument_process_wide()
+        _instrument_process_wide()
     return Telemetry(config, provider)

@@ -36,7 +36,6 @@ def _browser_or_skip() -> Any:
 def _drive(url: str, expect: dict[str, str], deadline_s: float, screenshot: Path) -> dict[str, Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM

@@ -204,8 +204,9 @@ async def test_tracing_modes_from_otel_settings(make_client: Any) -> None:
 
     quiet = await make_client(env={"OTEL_SERVICE_NAME": "aframp-test", "OTEL_TRACES_EXPORTER": "none"})
     tel = quiet.app[K.TELEMETRY]
-    assert tel.mode == "propagate" and tel.provider is not None
+    assert tel.mode == "none" and tel.provider is not None
     assert quiet.app[K.RATES].tracer is None, "no cache spans when nothing would export them"
+    assert tel.server_middleware is None and tel.client_trace_configs() == [], "no instrumentation either"
     assert tel.provider.resource.attributes["service.name"] == "aframp-test"
     assert (await quiet.get(RATE, headers={"traceparent": TRACEPARENT})).status == 200
 
