@@ -396,3 +396,19 @@ async def test_logs_are_json_with_trace_ids_and_never_hold_secrets(make_client: 
     assert inside["trace_id"] == format(span.get_span_context().trace_id, "032x")
     assert inside["span_id"] == format(span.get_span_context().span_id, "016x")
     assert all({"ts", "level", "logger", "message", "event"} <= set(e) for e in lines)
+
+
+async def test_grafana_dashboard_uses_only_exported_metrics(make_client: Any) -> None:
+    import json
+    import re
+
+    from tests.conftest import ROOT
+
+    a = await make_client()
+    await a.get(RATE)
+    await a.get("/metrics")
+    names = {fam.name for fam in text_string_to_metric_families(await (await a.get("/metrics")).text())}
+    names |= {f"{n}_total" for n in names} | {f"{n}_{s}" for n in names for s in ("bucket", "count", "sum")}
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    used = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"aframp_\w+", t["expr"])}
+    assert used and used <= names, used - names
