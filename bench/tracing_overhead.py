@@ -145,7 +145,9 @@ def _load(port: int, duration: float, connections: int) -> float:
     if shutil.which("wrk"):
         out = subprocess.run(
             ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", url],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         m = re.search(r"Requests/sec:\s+([\d.]+)", out)
         if not m or "Non-2xx" in out:
@@ -153,7 +155,9 @@ def _load(port: int, duration: float, connections: int) -> float:
         return float(m.group(1))
     out = subprocess.run(
         [sys.executable, __file__, "client", url, str(duration), str(connections)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return float(out.strip())
 
@@ -195,8 +199,11 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, list[float]
         for mode in MODES:
             port = _free_port()
             proc = subprocess.Popen(
-                [sys.executable, __file__, "serve", mode, str(port)], env=env, cwd=ROOT,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [sys.executable, __file__, "serve", mode, str(port)],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             try:
                 _wait_ready(port)
@@ -221,8 +228,10 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, list[float]
 
 def report(results: dict[str, list[float]]) -> str:
     off = results["off"]
-    lines = ["| configuration | req/s (median) | runs | ratio to off (median of per-round ratios) |",
-             "|---|---:|---|---:|"]
+    lines = [
+        "| configuration | req/s (median) | runs | ratio to off (median of per-round ratios) |",
+        "|---|---:|---|---:|",
+    ]
     for mode, xs in results.items():
         ratios = [x / o for x, o in zip(xs, off, strict=True)]
         runs = ", ".join(f"{x:.0f}" for x in xs)

@@ -188,31 +188,44 @@ class StatsCollector(Collector):
         yield GaugeMetricFamily("aframp_l1_serving", "1 while L1 answers reads", value=int(l1["serving"]))
 
         r = snap["redis"]
-        yield GaugeMetricFamily("aframp_redis_pool_in_use_connections", "Redis connections in use",
-                                value=r["pool_in_use"])
-        yield GaugeMetricFamily("aframp_redis_pool_idle_connections", "Connected idle Redis connections",
-                                value=r["pool_idle"])
+        yield GaugeMetricFamily(
+            "aframp_redis_pool_in_use_connections", "Redis connections in use", value=r["pool_in_use"]
+        )
+        yield GaugeMetricFamily(
+            "aframp_redis_pool_idle_connections", "Connected idle Redis connections", value=r["pool_idle"]
+        )
         yield GaugeMetricFamily("aframp_redis_pool_max_connections", "Redis pool size", value=r["pool_max"])
         state = snap["breaker"]["state"]
-        br = GaugeMetricFamily("aframp_redis_breaker_state", "Redis circuit breaker state (1 = current)",
-                               labels=["state"])
+        br = GaugeMetricFamily(
+            "aframp_redis_breaker_state", "Redis circuit breaker state (1 = current)", labels=["state"]
+        )
         for s in BREAKER_STATES:
             br.add_metric([s], int(state == s or (state == "absent" and s == "closed")))
         yield br
-        yield GaugeMetricFamily("aframp_redis_breaker_present", "1 when a Redis circuit breaker exists",
-                                value=int(state != "absent"))
+        yield GaugeMetricFamily(
+            "aframp_redis_breaker_present", "1 when a Redis circuit breaker exists", value=int(state != "absent")
+        )
 
         sub = snap["subscriber"]
-        yield GaugeMetricFamily("aframp_invalidation_subscriber_up", "1 while subscribed to the invalidation channel",
-                                value=int(sub["subscribed"]))
-        yield CounterMetricFamily("aframp_invalidation_subscriber_reconnects", "Subscriber reconnect attempts",
-                                  value=sub["reconnects"])
-        yield CounterMetricFamily("aframp_invalidation_subscriber_gaps", "Subscriptions lost (L1 cleared)",
-                                  value=sub["gaps"])
-        yield CounterMetricFamily("aframp_invalidation_messages_received", "Invalidation messages from peers",
-                                  value=sub["received"])
-        yield GaugeMetricFamily("aframp_invalidations_pending", "Invalidations deferred until Redis returns",
-                                value=snap["invalidations_pending"])
+        yield GaugeMetricFamily(
+            "aframp_invalidation_subscriber_up",
+            "1 while subscribed to the invalidation channel",
+            value=int(sub["subscribed"]),
+        )
+        yield CounterMetricFamily(
+            "aframp_invalidation_subscriber_reconnects", "Subscriber reconnect attempts", value=sub["reconnects"]
+        )
+        yield CounterMetricFamily(
+            "aframp_invalidation_subscriber_gaps", "Subscriptions lost (L1 cleared)", value=sub["gaps"]
+        )
+        yield CounterMetricFamily(
+            "aframp_invalidation_messages_received", "Invalidation messages from peers", value=sub["received"]
+        )
+        yield GaugeMetricFamily(
+            "aframp_invalidations_pending",
+            "Invalidations deferred until Redis returns",
+            value=snap["invalidations_pending"],
+        )
 
 
 class Metrics:

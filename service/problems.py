@@ -19,9 +19,7 @@ CONTENT_TYPE = "application/problem+json"
 
 
 class Problem(Exception):
-    def __init__(
-        self, status: int, slug: str, title: str, detail: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, slug: str, title: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.slug = slug
@@ -69,7 +67,10 @@ async def problem_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except OriginError as err:
         route = request.match_info.route.resource
         log.warning(
-            "origin error on %s %s: %s", request.method, route.canonical if route else "?", err,
+            "origin error on %s %s: %s",
+            request.method,
+            route.canonical if route else "?",
+            err,
             extra={"event": "origin_error", "origin": err.origin, "status": err.status},
         )
         return from_origin_error(err)

@@ -36,9 +36,7 @@ def cached(lookup: Lookup, what: str) -> web.Response:
 def require_admin(request: web.Request) -> None:
     token = request.app[K.SETTINGS].server.admin_token
     if not token:
-        raise Problem(
-            403, "admin-disabled", "Admin endpoints closed", "no ADMIN_TOKEN is configured on this instance"
-        )
+        raise Problem(403, "admin-disabled", "Admin endpoints closed", "no ADMIN_TOKEN is configured on this instance")
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
@@ -165,8 +163,9 @@ async def cache_stats(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    return web.Response(body=_dashboard_html(), content_type="text/html", charset="utf-8",
-                        headers={"Cache-Control": "no-cache"})
+    return web.Response(
+        body=_dashboard_html(), content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-cache"}
+    )
 
 
 @functools.cache

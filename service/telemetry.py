@@ -45,9 +45,7 @@ TRACER_NAME = "aframp.cache"
 W3C = TraceContextTextMapPropagator()
 
 # namespaces whose keys hold an account id or a credential: their key is never put on a span
-SENSITIVE = frozenset(
-    {Namespace.BALANCE, Namespace.TRUSTLINE, Namespace.SESSION, Namespace.JWT, Namespace.RATE_LIMIT}
-)
+SENSITIVE = frozenset({Namespace.BALANCE, Namespace.TRUSTLINE, Namespace.SESSION, Namespace.JWT, Namespace.RATE_LIMIT})
 
 # span attribute names of the cache's own spans
 A_DATA_TYPE = "cache.data_type"
@@ -132,10 +130,15 @@ class _ChildOnlyTracer(Tracer):
         set_status_on_exception: bool = True,
         end_on_exit: bool = True,
     ) -> Iterator[Any]:
-        span = self.start_span(name, context, kind, attributes, links, start_time, record_exception,
-                               set_status_on_exception)
-        with trace.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
-                            set_status_on_exception=set_status_on_exception) as s:
+        span = self.start_span(
+            name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
+        )
+        with trace.use_span(
+            span,
+            end_on_exit=end_on_exit,
+            record_exception=record_exception,
+            set_status_on_exception=set_status_on_exception,
+        ) as s:
             yield s
 
 
@@ -143,8 +146,9 @@ class _ChildOnlyProvider(trace.TracerProvider):
     def __init__(self, provider: Any = None) -> None:
         self._provider = provider
 
-    def get_tracer(self, name: str, version: str | None = None, schema_url: str | None = None,
-                   *args: Any, **kw: Any) -> Tracer:
+    def get_tracer(
+        self, name: str, version: str | None = None, schema_url: str | None = None, *args: Any, **kw: Any
+    ) -> Tracer:
         target = self._provider.get_tracer(name, version, schema_url) if self._provider is not None else None
         return _ChildOnlyTracer(name, version, schema_url, target)
 
@@ -181,8 +185,12 @@ def _instrument_process_wide() -> None:
 # ---------------------------------------------------------------- configuration
 
 _SAMPLERS = {
-    "always_on", "always_off", "traceidratio",
-    "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
 }
 _EXPORTERS = {"otlp", "console", "none"}
 
@@ -201,7 +209,9 @@ def _sampler(name: str, arg: str | None) -> Any:
         if not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: expected a number between 0 and 1, got {arg!r}")
     root = {
-        "always_on": s.ALWAYS_ON, "always_off": s.ALWAYS_OFF, "traceidratio": s.TraceIdRatioBased(ratio),
+        "always_on": s.ALWAYS_ON,
+        "always_off": s.ALWAYS_OFF,
+        "traceidratio": s.TraceIdRatioBased(ratio),
     }
     if name.startswith("parentbased_"):
         return s.ParentBased(root[name.removeprefix("parentbased_")])
@@ -344,8 +354,11 @@ class Telemetry:
             "cache.namespaces": namespaces,
             "cache.sender": str(msg.get("instance", "")),
         }
-        with self.active(), self.tracer.start_as_current_span(
-            "cache.evict", context=otel_context.Context(), kind=SpanKind.CONSUMER, links=links, attributes=attrs
+        with (
+            self.active(),
+            self.tracer.start_as_current_span(
+                "cache.evict", context=otel_context.Context(), kind=SpanKind.CONSUMER, links=links, attributes=attrs
+            ),
         ):
             yield
 

@@ -19,8 +19,16 @@ from tests.conftest import ROOT
 CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1440,1000")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1440,1000",
+)
 
 
 def _browser_or_skip() -> Any:
@@ -96,9 +104,7 @@ async def test_dashboard_in_a_real_browser_shows_this_instances_numbers(make_cli
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
 
     url = str(a.make_url("/dashboard?interval=400"))
-    out = await asyncio.to_thread(
-        _drive, url, {"l1-hits": "2", "l2-hits": "1", "misses": "1"}, 20.0, SCREENSHOT
-    )
+    out = await asyncio.to_thread(_drive, url, {"l1-hits": "2", "l2-hits": "1", "misses": "1"}, 20.0, SCREENSHOT)
     assert out["errors"] == ""
     assert out["external"] == []
     assert "exchange rate" in out["row_text"] and "75.0 %" in out["row_text"]  # 3 hits of 4 lookups

@@ -79,11 +79,15 @@ async def test_span_trees_of_a_miss_an_l1_hit_and_an_l2_hit(make_client: Any) ->
     l2 = one(spans, "cache.l2")
     assert parent_of(l2, spans) is load
     assert dict(l2.attributes) == {
-        "cache.data_type": "exchange_rate", "cache.namespace": "rate", "cache.key": "v1:rate:CNGN:USD",
-        "cache.tier": "l2", "cache.outcome": "miss",
+        "cache.data_type": "exchange_rate",
+        "cache.namespace": "rate",
+        "cache.key": "v1:rate:CNGN:USD",
+        "cache.tier": "l2",
+        "cache.outcome": "miss",
     }
-    assert redis_spans(spans) and all(parent_of(s, spans).name in ("cache.l2", "cache.load", "cache.fill")
-                                      for s in redis_spans(spans))
+    assert redis_spans(spans) and all(
+        parent_of(s, spans).name in ("cache.l2", "cache.load", "cache.fill") for s in redis_spans(spans)
+    )
     origin = one(spans, "cache.origin")
     assert parent_of(origin, spans) is load
     assert (origin.attributes["cache.tier"], origin.attributes["cache.outcome"]) == ("origin", "miss")
@@ -193,8 +197,12 @@ async def test_account_ids_never_reach_a_span(make_client: Any) -> None:
     for s in spans:
         assert ACCOUNT not in repr(dict(s.attributes)) and ACCOUNT not in s.name
     attrs = telemetry.key_attributes(keys.balance(ACCOUNT), "l1", "hit")
-    assert attrs == {"cache.data_type": "wallet_balance", "cache.namespace": "wallet:balance",
-                     "cache.tier": "l1", "cache.outcome": "hit"}
+    assert attrs == {
+        "cache.data_type": "wallet_balance",
+        "cache.namespace": "wallet:balance",
+        "cache.tier": "l1",
+        "cache.outcome": "hit",
+    }
 
 
 async def test_tracing_modes_from_otel_settings(make_client: Any) -> None:
@@ -210,14 +218,27 @@ async def test_tracing_modes_from_otel_settings(make_client: Any) -> None:
     assert tel.provider.resource.attributes["service.name"] == "aframp-test"
     assert (await quiet.get(RATE, headers={"traceparent": TRACEPARENT})).status == 200
 
-    cfg = telemetry.parse({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                           "OTEL_TRACES_SAMPLER_ARG": "0.1", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
-                           "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging"}, "i-1")
+    cfg = telemetry.parse(
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging",
+        },
+        "i-1",
+    )
     assert (cfg.mode, cfg.endpoint) == ("record", "http://collector:4318/v1/traces")
-    assert cfg.resource == {"deployment.environment": "staging", "service.name": "aframp-cache",
-                            "service.instance.id": "i-1"}
-    for bad in ({"OTEL_TRACES_EXPORTER": "zipkin"}, {"OTEL_TRACES_SAMPLER": "sometimes"},
-                {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}):
+    assert cfg.resource == {
+        "deployment.environment": "staging",
+        "service.name": "aframp-cache",
+        "service.instance.id": "i-1",
+    }
+    for bad in (
+        {"OTEL_TRACES_EXPORTER": "zipkin"},
+        {"OTEL_TRACES_SAMPLER": "sometimes"},
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+    ):
         with pytest.raises(telemetry.ConfigError):
             telemetry.parse(bad, "i")
     assert telemetry.parse({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"}, "i").mode == "off"
@@ -254,7 +275,13 @@ async def test_metrics_and_stats_agree_and_are_exact(make_client: Any) -> None:
 
     row = stats_a["types"]["exchange_rate"]
     assert {k: row[k] for k in ("l1_hits", "l2_hits", "misses", "origin_loads", "load_errors", "stale_served")} == {
-        "l1_hits": 2, "l2_hits": 0, "misses": 2, "origin_loads": 2, "load_errors": 0, "stale_served": 0}
+        "l1_hits": 2,
+        "l2_hits": 0,
+        "misses": 2,
+        "origin_loads": 2,
+        "load_errors": 0,
+        "stale_served": 0,
+    }
     assert row["hit_ratio"] == 0.5
     row_b = stats_b["types"]["exchange_rate"]
     assert (row_b["l1_hits"], row_b["l2_hits"], row_b["misses"], row_b["hit_ratio"]) == (0, 1, 0, 1.0)
@@ -277,15 +304,25 @@ async def test_metrics_and_stats_agree_and_are_exact(make_client: Any) -> None:
     assert stats_a["latency_seconds"]["origin"]["p50"] is not None
     assert stats_a["types"]["exchange_rate"]["latency_seconds"]["l2"]["count"] == 2
     assert stats_b["latency_seconds"]["l2"]["count"] == 1
-    buckets = [v for (n, lbl), v in m_a.items()
-               if n == "aframp_cache_lookup_duration_seconds_bucket" and ("tier", "origin") in lbl]
+    buckets = [
+        v
+        for (n, lbl), v in m_a.items()
+        if n == "aframp_cache_lookup_duration_seconds_bucket" and ("tier", "origin") in lbl
+    ]
     assert buckets == sorted(buckets)
     # per endpoint: route template, method, status class (the stats/metrics requests themselves come after)
     route = {"route": "/v1/rates/{base}/{quote}", "method": "GET"}
     assert sample(m_a, "aframp_http_request_duration_seconds_count", status_class="2xx", **route) == 3
     assert sample(m_a, "aframp_http_request_duration_seconds_count", status_class="4xx", **route) == 1
     # L1, pool, breaker, subscriber
-    assert stats_a["l1"]["size"] == sample(m_a, "aframp_l1_entries", ) == 2
+    assert (
+        stats_a["l1"]["size"]
+        == sample(
+            m_a,
+            "aframp_l1_entries",
+        )
+        == 2
+    )
     assert stats_a["l1"]["approx_bytes"] == sample(m_a, "aframp_l1_bytes") > 0
     assert stats_a["redis"]["enabled"] is True
     assert sample(m_a, "aframp_redis_pool_max_connections") == stats_a["redis"]["pool_max"]

@@ -91,7 +91,9 @@ class InvalidationBus:
                 raise
             except (RedisError, OSError, TimeoutError, _HeartbeatLost) as err:
                 log.warning(
-                    "invalidation subscriber lost: %s: %s", type(err).__name__, err,
+                    "invalidation subscriber lost: %s: %s",
+                    type(err).__name__,
+                    err,
                     extra={"event": "subscriber_lost", "reconnects": self.reconnects, "gaps": self.gaps},
                 )
             await self._lost()
@@ -132,7 +134,9 @@ class InvalidationBus:
         self.connected_event.set()
         await self.on_subscribed()
         log.info(
-            "invalidation subscriber on %s as %s", self.channel, self.id,
+            "invalidation subscriber on %s as %s",
+            self.channel,
+            self.id,
             extra={"event": "subscriber_subscribed", "reconnects": self.reconnects, "gaps": self.gaps},
         )
 
@@ -176,7 +180,10 @@ class InvalidationBus:
                     # a message from this peer went missing: nothing in L1 can be trusted any more
                     self.seq_gaps += 1
                     log.warning(
-                        "invalidation bus: %s jumped from seq %d to %d; clearing L1", sender, last, seq,
+                        "invalidation bus: %s jumped from seq %d to %d; clearing L1",
+                        sender,
+                        last,
+                        seq,
                         extra={"event": "subscriber_seq_gap"},
                     )
                     await self.on_gap()
