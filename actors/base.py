@@ -13,6 +13,7 @@ Handlers run one at a time and must not block: long work goes to ``spawn`` and r
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 from collections.abc import Awaitable, Coroutine
@@ -32,7 +33,11 @@ class Actor:
     name = "actor"
 
     def __init__(self) -> None:
-        self._mailbox: asyncio.Queue[tuple[Any, asyncio.Future[Any] | None]] = asyncio.Queue()
+        # (message, reply, the asker's context: a handler runs in it, so its spans and spawned work join the
+        # asker's trace)
+        self._mailbox: asyncio.Queue[tuple[Any, asyncio.Future[Any] | None, contextvars.Context | None]] = (
+            asyncio.Queue()
+        )
         self._task: asyncio.Task[None] | None = None
         self._children: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -55,7 +60,7 @@ class Actor:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._children.clear()
         while not self._mailbox.empty():
-            _, reply = self._mailbox.get_nowait()
+            _, reply, _ctx = self._mailbox.get_nowait()
             if reply is not None and not reply.done():
                 reply.set_exception(ActorStopped(f"{self.name} stopped"))
         await self.on_stopped()
@@ -67,13 +72,13 @@ class Actor:
     def tell(self, msg: Any) -> None:
         if self._stopping:
             return
-        self._mailbox.put_nowait((msg, None))
+        self._mailbox.put_nowait((msg, None, None))
 
     async def ask(self, msg: Any) -> Any:
         if not self.running:
             raise ActorStopped(f"{self.name} is not running")
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._mailbox.put_nowait((msg, reply))
+        self._mailbox.put_nowait((msg, reply, contextvars.copy_context()))
         result = await reply
         if inspect.isawaitable(result):
             return await asyncio.shield(result)
@@ -88,9 +93,9 @@ class Actor:
 
     async def _run(self) -> None:
         while True:
-            msg, reply = await self._mailbox.get()
+            msg, reply, ctx = await self._mailbox.get()
             try:
-                result: Any = self.receive(msg)
+                result: Any = ctx.run(self.receive, msg) if ctx is not None else self.receive(msg)
                 if inspect.iscoroutine(result):
                     result = await result
             except asyncio.CancelledError:

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from opentelemetry.trace import Tracer
+
 from actors.base import Actor, ActorStopped
 from actors.stats import Stats
+from actors.tracing import A_OUTCOME, key_attributes, l1_span
 from tiers import codec
 from tiers.errors import CacheUnavailable, OriginError
 from tiers.keys import CacheKey, DataType, Namespace, group_for_pattern, group_of, namespace_of
@@ -153,6 +156,20 @@ class _Flight:
     future: asyncio.Future[Lookup] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class _NoSpan:
+    def __enter__(self) -> _NoSpan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def set_attribute(self, key: str, value: object) -> None:
+        pass
+
+
+_NO_SPAN = _NoSpan()
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     """Mark a shared load's outcome as retrieved even if every asker went away."""
     if not fut.cancelled():
@@ -164,6 +181,7 @@ class CacheActor(Actor):
     when it does not exist."""
 
     namespaces: frozenset[Namespace] = frozenset()
+    tracer: Tracer | None = None  # set by the composition root when spans are recorded
 
     def __init__(self, *, l1: L1, l2: L2 | None, policy: Policy, stats: Stats) -> None:
         super().__init__()
@@ -186,8 +204,16 @@ class CacheActor(Actor):
                 if time.monotonic() >= entry.refresh_at:
                     self._refreshing.add(rendered)
                     self.tell(Refresh(key))
+            if self.tracer is not None:
+                l1_span(self.tracer, key, "hit")
             return Lookup(entry.body, Source.L1, entry.loaded_at)
-        return await self.ask(Load(key))
+        if self.tracer is None:
+            return await self.ask(Load(key))
+        l1_span(self.tracer, key, "miss")
+        with self.tracer.start_as_current_span("cache.load", attributes=key_attributes(key)) as span:
+            lookup = await self.ask(Load(key))
+            span.set_attributes({"cache.source": lookup.source.value, "cache.negative": lookup.negative})
+            return lookup
 
     async def warm(self, keys_: list[CacheKey], concurrency: int = 8) -> int:
         """Read ``keys_`` through the normal path (so warming is coherent and single-flight); returns how many
@@ -364,7 +390,9 @@ class CacheActor(Actor):
         loaded_at = time.time()
         t0 = time.perf_counter()
         try:
-            answer = await self.origin(key)
+            with self._span("cache.origin", key, "origin") as span:
+                answer = await self.origin(key)
+                span.set_attribute(A_OUTCOME, "miss")
             self.stats.observe(dt, "origin", time.perf_counter() - t0)
         except OriginError:
             self.stats.observe(dt, "origin_error", time.perf_counter() - t0)
@@ -374,6 +402,8 @@ class CacheActor(Actor):
                     await l2.release(rendered, lease)  # peers waiting on this lease load (or fail) now
             served = self._stale_answer(dt, rendered, stale, loaded_at)
             if served is not None:
+                if self.tracer is not None:
+                    self.tracer.start_span("cache.stale", attributes=key_attributes(key, "stale", "stale")).end()
                 return served, None
             raise
         if answer is None:
@@ -388,7 +418,9 @@ class CacheActor(Actor):
             px = int((ttl + (0 if short else self.policy.max_stale.get(dt, 0))) * 1000)
             packed = codec.pack(body, fresh_until, int(loaded_at * 1000), short)
             try:
-                if not await l2.fill(rendered, lease, packed, px):
+                with self._span("cache.fill", key, "l2"):
+                    filled = await l2.fill(rendered, lease, packed, px)
+                if not filled:
                     self.stats.inc(dt, "fills_rejected")
             except CacheUnavailable:
                 pass
@@ -403,9 +435,12 @@ class CacheActor(Actor):
         assert l2 is not None
         dt = key.namespace.data_type
         t0 = time.perf_counter()
-        stored = await l2.read(rendered)
+        with self._span("cache.l2", key, "l2") as span:
+            stored = await l2.read(rendered)
+            fresh = stored is not None and stored.fresh(int(time.time() * 1000))
+            span.set_attribute(A_OUTCOME, "hit" if fresh else "miss" if stored is None else "stale")
         self.stats.observe(dt, "l2", time.perf_counter() - t0)
-        if stored is not None and stored.fresh(int(time.time() * 1000)):
+        if stored is not None and fresh:
             return self._l2_hit(key, stored, group)
         acq = await l2.acquire(rendered, token, lease_ms, group)
         if acq.status not in (ACQUIRED_FRESH, ACQUIRED_LEASE):
@@ -461,6 +496,12 @@ class CacheActor(Actor):
         body, loaded_at, _ = max(usable, key=lambda c: c[1])
         self.stats.inc(dt, "stale_served")
         return Lookup(body, Source.STALE, loaded_at)
+
+    def _span(self, name: str, key: CacheKey, tier: str) -> Any:
+        """A span of one tier step (a no-op context when spans are not recorded)."""
+        if self.tracer is None:
+            return _NO_SPAN
+        return self.tracer.start_as_current_span(name, attributes=key_attributes(key, tier))
 
     def owns(self, rendered: str) -> bool:
         ns = namespace_of(rendered)

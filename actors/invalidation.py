@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from actors.cache_actor import CacheActor, Install, Invalidate, Outcome
 from actors.stats import Stats
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
-    async def publish(self, keys: Sequence[str], patterns: Sequence[str]) -> None: ...
+    async def publish(self, keys: Sequence[str], patterns: Sequence[str], **extra: Any) -> None: ...
 
 
 class Invalidator:
@@ -38,6 +38,8 @@ class Invalidator:
         self.pending: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
         self.on_pending: Callable[[bool], None] | None = None  # told whether anything is pending
         self._pending_added = asyncio.Event()
+        # extra bus-message fields, e.g. {"trace": {"traceparent": ...}} (set by the composition root)
+        self.trace_fields: Callable[[], dict[str, Any]] = dict
 
     def register(self, actor: CacheActor) -> None:
         self.actors.append(actor)
@@ -69,11 +71,13 @@ class Invalidator:
                 self.stats.inc(ns.data_type, "invalidations_sent")
         if self.bus is not None and failure is None:
             try:
-                await self.bus.publish(keys, patterns)
+                await self.bus.publish(keys, patterns, **self.trace_fields())
             except CacheUnavailable as err:
                 failure = err
         if failure is not None:
-            log.warning("invalidation deferred until Redis returns: %s", failure)
+            log.warning(
+                "invalidation deferred until Redis returns: %s", failure, extra={"event": "invalidation_deferred"}
+            )
             self._defer(keys, patterns)
             return Outcome(deleted, False)
         return Outcome(deleted, True)

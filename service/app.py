@@ -23,8 +23,10 @@ from actors.rates import RatesActor
 from actors.stats import Stats
 from actors.wallets import BalancesActor, TrustlinesActor
 from service import appkeys as K
+from service import logs, telemetry
 from service.config import Settings, redact_url
 from service.embedded import EmbeddedPostgres, EmbeddedRedis
+from service.metrics import Metrics, observe_middleware
 from service.problems import problem_middleware
 from service.routes import setup_routes
 from tiers import horizon, postgres
@@ -43,11 +45,15 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[observe_middleware, problem_middleware], client_max_size=64 * 1024)
     app[K.SETTINGS] = settings
     app[K.LIFECYCLE] = K.Lifecycle()
+    app[K.METRICS] = Metrics(app)
+    logs.register_secret(settings.server.admin_token)
+    logs.register_url(settings.postgres.url)
+    logs.register_url(settings.redis.url)
     app.on_shutdown.append(_draining)
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, horizon_ctx, actors_ctx, bus_ctx, lifecycle_ctx])
+    app.cleanup_ctx.extend([telemetry_ctx, postgres_ctx, redis_ctx, horizon_ctx, actors_ctx, bus_ctx, lifecycle_ctx])
     setup_routes(app)
     return app
 
@@ -56,6 +62,19 @@ async def cancel_and_wait(task: asyncio.Task[object]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+# ---------------------------------------------------------------- tracing
+
+
+async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[K.SETTINGS]
+    tel = telemetry.build(s.otel, s.server.instance_id, app.get(K.SPAN_PROCESSOR))
+    app[K.TELEMETRY] = tel
+    try:
+        yield
+    finally:
+        await tel.shutdown()
 
 
 # ---------------------------------------------------------------- Postgres
@@ -113,8 +132,13 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         idle_timeout=s.idle_timeout,
     )
     client = aioredis.Redis(connection_pool=pool)
+    app[K.TELEMETRY].instrument_redis(client)
     breaker = Breaker(failure_threshold=s.breaker_failures, reset_after=s.breaker_reset, reset_max=s.breaker_reset_max)
-    breaker.subscribe(lambda old, new: log.warning("redis circuit breaker: %s -> %s", old, new))
+    breaker.subscribe(
+        lambda old, new: log.warning(
+            "redis circuit breaker: %s -> %s", old, new, extra={"event": "breaker", "from": old, "to": new}
+        )
+    )
     cache = RedisCache(client, pool, breaker=breaker, op_timeout=s.op_timeout)
     app[K.REDIS] = K.RedisHandles(url, cache, pool, breaker)
     log.info("redis at %s (pool %d, min idle %d)", redact_url(url), s.max_connections, s.min_idle)
@@ -181,6 +205,8 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
     if handles.breaker is not None:
         handles.breaker.subscribe(lambda _old, new: trust.update(redis_ok=new is BreakerState.CLOSED))
     invalidator = Invalidator(l2, stats)
+    tel = app[K.TELEMETRY]
+    invalidator.trace_fields = tel.inject
     common = {"l1": l1, "l2": l2, "policy": build_policy(s), "stats": stats}
     origin = app[K.PG_ORIGIN]
     rates = RatesActor(origin=origin, invalidator=invalidator, **common)
@@ -189,6 +215,7 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
     trustlines = TrustlinesActor(balances=balances, invalidator=invalidator, **common)
     actors: list[CacheActor] = [rates, fees, balances, trustlines]
     for actor in actors:
+        actor.tracer = tel.tracer  # None unless spans are recorded: the L1-hit path then makes none
         invalidator.register(actor)
         await actor.start()
     app[K.STATS], app[K.L1_CACHE], app[K.INVALIDATOR], app[K.L1_TRUST] = stats, l1, invalidator, trust
@@ -211,13 +238,15 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     invalidator, stats, trust = app[K.INVALIDATOR], app[K.STATS], app[K.L1_TRUST]
+    tel = app[K.TELEMETRY]
 
-    async def on_message(keys: tuple[str, ...], patterns: tuple[str, ...], _msg: dict[str, object]) -> None:
-        for name in (*keys, *patterns):
-            ns = namespace_of(name)
-            if ns is not None:
-                stats.inc(ns.data_type, "invalidations_received")
-        await invalidator.apply_local(keys, patterns)
+    async def on_message(keys: tuple[str, ...], patterns: tuple[str, ...], msg: dict[str, object]) -> None:
+        with tel.eviction_span(msg, keys, patterns):  # linked to the writer's span (trace context in the message)
+            for name in (*keys, *patterns):
+                ns = namespace_of(name)
+                if ns is not None:
+                    stats.inc(ns.data_type, "invalidations_received")
+            await invalidator.apply_local(keys, patterns)
 
     async def on_gap() -> None:
         trust.update(subscribed=False)  # at once: nothing L1 holds can be trusted across the gap
@@ -267,6 +296,13 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
     """Ready once the cache is warm (or warming took too long); draining from shutdown on."""
+    s = app[K.SETTINGS]
+    log.info(
+        "started instance %s (tracing: %s)",
+        s.server.instance_id,
+        app[K.TELEMETRY].mode,
+        extra={"event": "startup", "settings": logs.public_settings(s)},
+    )
     task = asyncio.create_task(_warm_then_ready(app), name="cache-warming")
     try:
         yield
@@ -280,6 +316,10 @@ async def _warm_then_ready(app: web.Application) -> None:
     try:
         if s.warm_limit > 0:
             started = time.monotonic()
+            if K.BUS in app:  # L1 is trusted (and kept) only once subscribed: warm after that, if it comes soon
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(2.0, s.warm_timeout)):
+                        await app[K.BUS].connected_event.wait()
             async with asyncio.timeout(s.warm_timeout):
                 rates = await app[K.RATES].warm_all(s.warm_limit)
                 fees = await app[K.FEES].warm_all(s.warm_limit)
@@ -298,3 +338,4 @@ async def _warm_then_ready(app: web.Application) -> None:
 async def _draining(app: web.Application) -> None:
     """on_shutdown: the listener is closed and in-flight requests are finishing; say so on /health/ready."""
     app[K.LIFECYCLE].phase = K.Phase.DRAINING
+    log.info("draining instance %s", app[K.SETTINGS].server.instance_id, extra={"event": "shutdown"})

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import asyncpg
 from aiohttp import web
+from opentelemetry.sdk.trace import SpanProcessor
 
 from actors.fees import FeesActor
 from actors.invalidation import Invalidator, L1Trust
@@ -15,6 +16,8 @@ from actors.rates import RatesActor
 from actors.stats import Stats
 from actors.wallets import BalancesActor, TrustlinesActor
 from service.config import Settings
+from service.metrics import Metrics
+from service.telemetry import Telemetry
 from tiers.breaker import Breaker
 from tiers.bus import InvalidationBus
 from tiers.horizon import HorizonOrigin
@@ -63,3 +66,7 @@ BALANCES = web.AppKey("balances", BalancesActor)
 TRUSTLINES = web.AppKey("trustlines", TrustlinesActor)
 BUS = web.AppKey("bus", InvalidationBus)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+METRICS = web.AppKey("metrics", Metrics)
+# tests and benchmarks: a span processor to record into (set before the app starts; enables tracing)
+SPAN_PROCESSOR = web.AppKey("span_processor", SpanProcessor)

@@ -7,7 +7,9 @@ import asyncio
 import logging
 import sys
 
+from service import telemetry
 from service.config import ConfigError, Settings, load_settings
+from service.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,10 +35,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)  # one JSON line per event, secrets scrubbed (service.logs)
     try:
         settings = _settings(args)
-    except ConfigError as err:
+        telemetry.parse(settings.otel, settings.server.instance_id)  # a bad OTEL_* value stops start-up too
+    except (ConfigError, telemetry.ConfigError) as err:
         print(f"aframp-cache: configuration error: {err}", file=sys.stderr)
         return 2
     if args.command == "migrate":

@@ -65,7 +65,14 @@ async def problem_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except Problem as p:
         return from_problem(p)
     except OriginError as err:
-        log.warning("origin error on %s %s: %s", request.method, request.path, err)
+        route = request.match_info.route.resource
+        log.warning(
+            "origin error on %s %s: %s",
+            request.method,
+            route.canonical if route else "?",
+            err,
+            extra={"event": "origin_error", "origin": err.origin, "status": err.status},
+        )
         return from_origin_error(err)
     except Conflict as err:
         return problem_response(409, "conflict", "Conflict", str(err))

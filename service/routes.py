@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,6 +17,7 @@ from actors.rates import DeleteRate, PutRate
 from actors.wallets import BalanceUpdated, EventResult, TransactionCompleted, TrustlineCreated
 from service import appkeys as K
 from service import validation as v
+from service.metrics import metrics_handler, snapshot
 from service.problems import Problem, bad_request, not_found
 from tiers import keys
 from tiers.keys import InvalidKey
@@ -213,23 +216,21 @@ async def delete_cache(request: web.Request) -> web.Response:
 
 
 async def cache_stats(request: web.Request) -> web.Response:
-    app = request.app
-    l1 = app[K.L1_CACHE]
-    redis = app[K.REDIS]
-    pool = redis.pool
-    body: dict[str, Any] = {
-        "instance": app[K.SETTINGS].server.instance_id,
-        "types": app[K.STATS].by_type(),
-        "l1": {"size": len(l1), "max_entries": l1.max_entries, "serving": l1.serving},
-        "redis": {
-            "enabled": redis.cache is not None,
-            "pool_in_use": pool.in_use if pool else 0,
-            "pool_idle": pool.idle if pool else 0,
-            "pool_max": pool.max_connections if pool else 0,
-        },
-        "invalidations_pending": len(app[K.INVALIDATOR].pending),
-    }
-    return web.Response(body=orjson.dumps(body), content_type=JSON)
+    """Counters per data type (with hit ratio), latency percentiles per tier, L1, Redis pool, breaker, subscriber.
+
+    The same snapshot feeds /metrics, so the two always agree."""
+    return web.Response(body=orjson.dumps(snapshot(request.app)), content_type=JSON)
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return web.Response(
+        body=_dashboard_html(), content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-cache"}
+    )
+
+
+@functools.cache
+def _dashboard_html() -> bytes:
+    return (Path(__file__).resolve().parent / "dashboard.html").read_bytes()
 
 
 # ---------------------------------------------------------------- health
@@ -292,3 +293,5 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v1/cache/stats", cache_stats)
     r.add_get("/health/live", live)
     r.add_get("/health/ready", ready)
+    r.add_get("/metrics", metrics_handler)
+    r.add_get("/dashboard", dashboard)

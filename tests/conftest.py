@@ -169,9 +169,16 @@ async def make_client(
     """Start a real app (its own pools, actors, subscriber) behind a real HTTP server; many per test."""
     clients: list[TestClient] = []
 
-    async def start(settings: Settings | None = None, *, wait_subscribed: bool = True, **kw: Any) -> TestClient:
+    async def start(
+        settings: Settings | None = None, *, wait_subscribed: bool = True, span_processor: Any = None, **kw: Any
+    ) -> TestClient:
+        """``span_processor``: record this app's spans there (turns tracing on, sampler from OTEL_*)."""
         s = settings or settings_factory(**kw)
         app: web.Application = create_app(s)
+        if span_processor is not None:
+            from service import appkeys as K
+
+            app[K.SPAN_PROCESSOR] = span_processor
         client = TestClient(TestServer(app))
         await client.start_server()
         clients.append(client)

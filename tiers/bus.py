@@ -93,7 +93,12 @@ class InvalidationBus:
                 await self._close()
                 raise
             except (RedisError, OSError, TimeoutError, _HeartbeatLost) as err:
-                log.warning("invalidation subscriber lost: %s: %s", type(err).__name__, err)
+                log.warning(
+                    "invalidation subscriber lost: %s: %s",
+                    type(err).__name__,
+                    err,
+                    extra={"event": "subscriber_lost", "reconnects": self.reconnects, "gaps": self.gaps},
+                )
             await self._lost()
             await self._close()
             await asyncio.sleep(delay)  # back-off between reconnect attempts, not a wait for an event
@@ -131,7 +136,12 @@ class InvalidationBus:
         await self.on_subscribed()
         self.subscribed = True
         self.connected_event.set()
-        log.info("invalidation subscriber on %s as %s", self.channel, self.id)
+        log.info(
+            "invalidation subscriber on %s as %s",
+            self.channel,
+            self.id,
+            extra={"event": "subscriber_subscribed", "reconnects": self.reconnects, "gaps": self.gaps},
+        )
 
         ping_seq = 0
         awaiting: tuple[int, float] | None = None  # (ping number, deadline)
@@ -173,7 +183,13 @@ class InvalidationBus:
                 if last is not None and seq != last + 1:
                     # a message from this peer went missing: nothing in L1 can be trusted any more
                     self.seq_gaps += 1
-                    log.warning("invalidation bus: %s jumped from seq %d to %d; clearing L1", sender, last, seq)
+                    log.warning(
+                        "invalidation bus: %s jumped from seq %d to %d; clearing L1",
+                        sender,
+                        last,
+                        seq,
+                        extra={"event": "subscriber_seq_gap"},
+                    )
                     await self.on_gap()
                     await self.on_subscribed()
             keys = tuple(k for k in data.get("keys", ()) if isinstance(k, str))

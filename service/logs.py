@@ -1,0 +1,115 @@
+"""Structured logs: one JSON object per line, with trace_id/span_id inside a span, and no secrets.
+
+Secrets: every value registered with :func:`register_secret` (the admin token, the Postgres and Redis passwords
+— the composition root registers them) is replaced by ``***`` in the whole rendered line, and so is the password
+of any ``scheme://user:password@host`` URL, whatever logged it (messages, extra fields, tracebacks, access log).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import re
+import sys
+from typing import Any, TextIO
+from urllib.parse import unquote, urlsplit
+
+import orjson
+from opentelemetry import trace
+
+_SECRETS: set[str] = set()
+_URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s\"']*:)(?P<pw>[^@\s\"'/]+)(?P<at>@)")
+
+# LogRecord attributes that are not "extra" fields
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+def register_secret(value: str | None) -> None:
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+
+
+def register_url(url: str | None) -> None:
+    if not url:
+        return
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return
+    if password:
+        register_secret(password)
+        register_secret(unquote(password))
+
+
+def scrub(text: str) -> str:
+    text = _URL_PASSWORD.sub(r"\g<pre>***\g<at>", text)
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": getattr(record, "event", None) or "log",
+            "message": record.getMessage(),
+        }
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            out["trace_id"] = format(ctx.trace_id, "032x")
+            out["span_id"] = format(ctx.span_id, "016x")
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in out and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        line = orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        return scrub(line)
+
+
+def json_handler(stream: TextIO | None = None) -> logging.Handler:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    return handler
+
+
+def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> logging.Handler:
+    """Replace the root handlers with one JSON handler (called by ``aframp-cache serve``)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = json_handler(stream)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
+
+
+_SECRET_OTEL = re.compile(r"HEADERS|PASSWORD|TOKEN|KEY", re.IGNORECASE)
+
+
+def public_settings(settings: Any) -> dict[str, Any]:
+    """The effective settings for the start-up log: URLs without passwords, the admin token only as set/unset."""
+    import dataclasses
+
+    from service.config import redact_url
+
+    def plain(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if hasattr(obj, "items"):
+            return {str(k): plain(v) for k, v in obj.items()}
+        if isinstance(obj, str | int | float | bool) or obj is None:
+            return obj
+        return str(obj)
+
+    out = plain(settings)
+    out["server"]["admin_token"] = "set" if settings.server.admin_token else "unset"
+    out["postgres"]["url"] = redact_url(settings.postgres.url) if settings.postgres.url else "embedded"
+    r = settings.redis.url
+    out["redis"]["url"] = redact_url(r) if r not in ("", "none") else ("embedded" if r == "" else "none")
+    out["otel"] = {k: ("***" if _SECRET_OTEL.search(k) else v) for k, v in settings.otel.items()}
+    return out

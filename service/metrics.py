@@ -1,0 +1,278 @@
+"""One source for /v1/cache/stats and /metrics: ``snapshot(app)`` reads Stats, L1, the Redis pool, the breaker and
+the subscriber; the Prometheus collector renders the same snapshot at scrape time, from a per-app registry.
+
+Per-endpoint latency is the one thing Stats does not hold: ``observe_middleware`` times every request into a
+prometheus Histogram (route template, method, status class), and runs the tracing middleware when tracing is on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from actors.stats import COUNTERS, LATENCY_BUCKETS
+from actors.stats import Histogram as StatsHistogram
+from service import appkeys as K
+
+L1_SAMPLE = 256  # entries read to estimate L1 bytes (bounded scrape cost)
+ENTRY_OVERHEAD = 232  # bytes per L1 entry besides key and body: Entry object, cache links, dict slot (approx.)
+BREAKER_STATES = ("closed", "open", "half_open")
+HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+# ---------------------------------------------------------------- the snapshot
+
+
+def _merge(histograms: list[StatsHistogram]) -> StatsHistogram:
+    out = StatsHistogram()
+    for h in histograms:
+        out.count += h.count
+        out.total += h.total
+        out.buckets = [a + b for a, b in zip(out.buckets, h.buckets, strict=True)]
+    return out
+
+
+def _percentiles(h: StatsHistogram) -> dict[str, Any]:
+    return {"count": h.count, "p50": h.quantile(0.5), "p99": h.quantile(0.99)}
+
+
+def breaker_state(app: web.Application) -> str:
+    """The Redis circuit breaker's state ("absent" when the instance runs without Redis)."""
+    handles = app.get(K.REDIS)
+    breaker = handles.breaker if handles is not None else None
+    return breaker.state.value if breaker is not None else "absent"
+
+
+def l1_bytes(app: web.Application) -> int:
+    """Approximate L1 bytes: mean (key + body + overhead) of up to L1_SAMPLE entries, times the entry count."""
+    l1 = app[K.L1_CACHE]
+    cache = l1._cache
+    n = len(cache)
+    if not n:
+        return 0
+    total = seen = 0
+    for key in list(itertools.islice(iter(cache), L1_SAMPLE)):
+        entry = cache.get(key)
+        if entry is None:
+            continue
+        total += len(key) + len(entry.body) + ENTRY_OVERHEAD
+        seen += 1
+    return round(total / seen * n) if seen else 0
+
+
+def snapshot(app: web.Application) -> dict[str, Any]:
+    stats = app[K.STATS]
+    types = stats.by_type()
+    for dt, row in types.items():
+        hits = row["l1_hits"] + row["l2_hits"]
+        lookups = hits + row["misses"]
+        row["hit_ratio"] = round(hits / lookups, 6) if lookups else None
+        row["latency_seconds"] = {
+            tier: _percentiles(h) for (t, tier), h in sorted(stats.latency.items()) if t.value == dt
+        }
+    tiers: dict[str, list[StatsHistogram]] = {}
+    for (_dt, tier), h in stats.latency.items():
+        tiers.setdefault(tier, []).append(h)
+    l1 = app[K.L1_CACHE]
+    redis = app[K.REDIS]
+    pool = redis.pool
+    bus = app.get(K.BUS)
+    return {
+        "instance": app[K.SETTINGS].server.instance_id,
+        "types": types,
+        "latency_seconds": {tier: _percentiles(_merge(hs)) for tier, hs in sorted(tiers.items())},
+        "l1": {
+            "size": len(l1),
+            "max_entries": l1.max_entries,
+            "serving": l1.serving,
+            "approx_bytes": l1_bytes(app),
+        },
+        "redis": {
+            "enabled": redis.cache is not None,
+            "pool_in_use": pool.in_use if pool else 0,
+            "pool_idle": pool.idle if pool else 0,
+            "pool_max": pool.max_connections if pool else 0,
+        },
+        "breaker": {"state": breaker_state(app)},
+        "subscriber": {
+            "enabled": bus is not None,
+            "subscribed": bool(bus is not None and bus.subscribed),
+            "gaps": bus.gaps if bus else 0,
+            "seq_gaps": bus.seq_gaps if bus else 0,
+            "reconnects": bus.reconnects if bus else 0,
+            "received": bus.received if bus else 0,
+            "echoes_skipped": bus.echoes_skipped if bus else 0,
+        },
+        "invalidations_pending": len(app[K.INVALIDATOR].pending),
+    }
+
+
+# ---------------------------------------------------------------- Prometheus
+
+_COUNTER_METRICS = {
+    "misses": ("aframp_cache_misses", "Lookups that missed L1 and L2 and went to the origin"),
+    "origin_loads": ("aframp_origin_loads", "Loads from the origin (Postgres or Horizon)"),
+    "load_errors": ("aframp_origin_errors", "Origin loads that failed"),
+    "stale_served": ("aframp_stale_served", "Answers served past their TTL because the origin failed"),
+    "fills_rejected": ("aframp_fills_rejected", "Loaded values not installed (an invalidation overtook them)"),
+    "invalidations_sent": ("aframp_invalidations_sent", "Keys and patterns this instance invalidated"),
+    "invalidations_received": ("aframp_invalidations_received", "Keys and patterns received from peers"),
+}
+
+
+class StatsCollector(Collector):
+    """Renders ``snapshot(app)`` and the Stats latency histograms at scrape time."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def describe(self) -> list[Any]:
+        return []  # collected lazily; never at registration (the app's resources do not exist yet)
+
+    def collect(self) -> Iterator[Any]:
+        app = self.app
+        if K.STATS not in app or K.L1_CACHE not in app:
+            return
+        snap = snapshot(app)
+        stats = app[K.STATS]
+        hits = CounterMetricFamily(
+            "aframp_cache_hits", "Lookups answered by a cache tier", labels=["data_type", "tier"]
+        )
+        for dt, row in snap["types"].items():
+            hits.add_metric([dt, "l1"], row["l1_hits"])
+            hits.add_metric([dt, "l2"], row["l2_hits"])
+        yield hits
+        for name in COUNTERS:
+            if name in ("l1_hits", "l2_hits"):
+                continue
+            metric, doc = _COUNTER_METRICS.get(name, (f"aframp_cache_{name}", f"Stats counter {name}"))
+            fam = CounterMetricFamily(metric, doc, labels=["data_type"])
+            for dt, row in snap["types"].items():
+                fam.add_metric([dt], row.get(name, 0))
+            yield fam
+
+        lat = HistogramMetricFamily(
+            "aframp_cache_lookup_duration_seconds",
+            "Latency of lookups below L1, by tier (l2 read, origin load, origin_error)",
+            labels=["data_type", "tier"],
+        )
+        for (dt, tier), h in sorted(stats.latency.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), h.buckets, strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            lat.add_metric([dt.value, tier], buckets, h.total)
+        yield lat
+
+        l1 = snap["l1"]
+        yield GaugeMetricFamily("aframp_l1_entries", "Entries in this instance's L1", value=l1["size"])
+        yield GaugeMetricFamily("aframp_l1_max_entries", "L1 capacity (entries)", value=l1["max_entries"])
+        yield GaugeMetricFamily(
+            "aframp_l1_bytes", "Approximate L1 size in bytes (sampled estimate)", value=l1["approx_bytes"]
+        )
+        yield GaugeMetricFamily("aframp_l1_serving", "1 while L1 answers reads", value=int(l1["serving"]))
+
+        r = snap["redis"]
+        yield GaugeMetricFamily(
+            "aframp_redis_pool_in_use_connections", "Redis connections in use", value=r["pool_in_use"]
+        )
+        yield GaugeMetricFamily(
+            "aframp_redis_pool_idle_connections", "Connected idle Redis connections", value=r["pool_idle"]
+        )
+        yield GaugeMetricFamily("aframp_redis_pool_max_connections", "Redis pool size", value=r["pool_max"])
+        state = snap["breaker"]["state"]
+        br = GaugeMetricFamily(
+            "aframp_redis_breaker_state", "Redis circuit breaker state (1 = current)", labels=["state"]
+        )
+        for s in BREAKER_STATES:
+            br.add_metric([s], int(state == s or (state == "absent" and s == "closed")))
+        yield br
+        yield GaugeMetricFamily(
+            "aframp_redis_breaker_present", "1 when a Redis circuit breaker exists", value=int(state != "absent")
+        )
+
+        sub = snap["subscriber"]
+        yield GaugeMetricFamily(
+            "aframp_invalidation_subscriber_up",
+            "1 while subscribed to the invalidation channel",
+            value=int(sub["subscribed"]),
+        )
+        yield CounterMetricFamily(
+            "aframp_invalidation_subscriber_reconnects", "Subscriber reconnect attempts", value=sub["reconnects"]
+        )
+        yield CounterMetricFamily(
+            "aframp_invalidation_subscriber_gaps", "Subscriptions lost (L1 cleared)", value=sub["gaps"]
+        )
+        yield CounterMetricFamily(
+            "aframp_invalidation_messages_received", "Invalidation messages from peers", value=sub["received"]
+        )
+        yield GaugeMetricFamily(
+            "aframp_invalidations_pending",
+            "Invalidations deferred until Redis returns",
+            value=snap["invalidations_pending"],
+        )
+
+
+class Metrics:
+    """The per-app registry (never the global one: several apps may live in one process)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StatsCollector(app))
+        self.http = Histogram(
+            "aframp_http_request_duration_seconds",
+            "HTTP request latency by route template, method and status class",
+            ["route", "method", "status_class"],
+            buckets=HTTP_BUCKETS,
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, str, str], Any] = {}
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        labels = (route, method, f"{status // 100}xx")
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self.http.labels(*labels)
+        child.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    app = request.app
+    telemetry = app.get(K.TELEMETRY)
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        if telemetry is not None and telemetry.server_middleware is not None:
+            with telemetry.active():
+                resp = await telemetry.server_middleware(request, handler)
+        else:
+            resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        app[K.METRICS].observe_http(_route(request), request.method, status, time.perf_counter() - t0)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = request.app[K.METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
