@@ -171,7 +171,8 @@ async def horizon_ctx(app: web.Application) -> AsyncIterator[None]:
     """One stellar-sdk ServerAsync over one AiohttpClient (one aiohttp session, shared by every request),
     closed at shutdown."""
     s = app[K.SETTINGS].horizon
-    origin = horizon.HorizonOrigin(horizon.create_server(s.url, timeout=s.timeout), max_concurrency=s.max_concurrency)
+    server = horizon.create_server(s.url, timeout=s.timeout, trace_configs=app[K.TELEMETRY].client_trace_configs())
+    origin = horizon.HorizonOrigin(server, max_concurrency=s.max_concurrency)
     app[K.HORIZON] = origin
     log.info("horizon at %s (timeout %.1fs)", redact_url(s.url), s.timeout)
     try:

@@ -78,6 +78,7 @@ class HorizonStandin:
     def __init__(self) -> None:
         self.accounts: dict[str, list[dict[str, Any]]] = {}  # account -> balances (native last, as Horizon)
         self.calls: Counter[str] = Counter()  # GET /accounts/{id} per id, every answer counted
+        self.last_headers: dict[str, str] = {}  # request headers of the latest GET /accounts/{id}
         self.mode: str | None = None  # None | "fail" | "rate_limit" | "drop"
         self.fail_status = 500
         self.retry_after = "7"
@@ -132,6 +133,7 @@ class HorizonStandin:
     async def _account(self, request: web.Request) -> web.StreamResponse:
         account = request.match_info["account_id"]
         self.calls[account] += 1
+        self.last_headers = dict(request.headers)
         self.in_flight += 1
         try:
             if self._gate is not None:

@@ -121,6 +121,33 @@ async def test_span_trees_of_a_miss_an_l1_hit_and_an_l2_hit(make_client: Any) ->
     assert parent_of(one(spans, "cache.load"), spans) is one(spans, "GET /v1/rates/{base}/{quote}")
 
 
+async def test_span_tree_of_a_horizon_miss(make_client: Any, settings_factory: Any, horizon: Any) -> None:
+    from tests.test_wallets_http import new_account
+
+    g = new_account()
+    horizon.fund(g)
+    exp, proc = recorder()
+    client = await make_client(settings_factory(env={"HORIZON_URL": horizon.url}), span_processor=proc)
+    exp.clear()
+    r = await client.get(f"/v1/wallets/{g}/balances")
+    assert r.status == 200 and r.headers["X-Cache"] == "MISS"
+    spans = list(exp.get_finished_spans())
+    assert len({s.context.trace_id for s in spans}) == 1, "one request, one trace, down to Horizon"
+    server = next(s for s in spans if s.kind is SpanKind.SERVER)
+    origin = one(spans, "cache.origin")
+    assert parent_of(parent_of(origin, spans), spans) is server  # server -> cache.load -> cache.origin
+    (call,) = [
+        s
+        for s in spans
+        if s.kind is SpanKind.CLIENT
+        and s.attributes.get("http.method", "GET") == "GET"
+        and parent_of(s, spans) is origin
+    ]
+    assert g not in str(dict(call.attributes)) and g not in call.name  # account ids never reach a span
+    # the Horizon call carried the trace context
+    assert horizon.last_headers["traceparent"].split("-")[1] == format(server.context.trace_id, "032x")
+
+
 async def test_incoming_traceparent_is_continued(make_client: Any) -> None:
     exp, proc = recorder()
     a = await make_client(span_processor=proc)

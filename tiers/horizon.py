@@ -35,14 +35,15 @@ class AccountsOrigin(Protocol):
         ...
 
 
-def create_server(url: str, *, timeout: float) -> ServerAsync:
+def create_server(url: str, *, timeout: float, trace_configs: list[Any] | None = None) -> ServerAsync:
     """ServerAsync over one AiohttpClient.
 
     AiohttpClient owns one aiohttp ClientSession (it has no public way to adopt an existing one): created on the
     first request, shared by every later one, closed by ``ServerAsync.close()``. ``request_timeout`` is that
     session's total timeout for a GET (connect + headers + body).
     """
-    return ServerAsync(url, client=AiohttpClient(request_timeout=timeout))
+    # extra keyword arguments reach the aiohttp.ClientSession: trace_configs give client spans + traceparent
+    return ServerAsync(url, client=AiohttpClient(request_timeout=timeout, trace_configs=trace_configs or []))
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
