@@ -174,3 +174,19 @@ async def test_errors_are_translated_at_the_tier_boundary():
     with pytest.raises(CacheUnavailable):
         await cache.invalidate(["v1:rate:A:B"])
     await pool.disconnect()
+
+
+async def test_large_values_are_stored_compressed_and_read_back_whole(cache: RedisCache, redis_client):
+    body = codec.dumps({"balances": [{"asset_code": f"A{i}", "balance": "1.0000000"} for i in range(200)]})
+    assert len(body) > codec.COMPRESS_MIN
+    assert (await cache.acquire("v1:wallet:balance:GBIG", "t", 5000)).status == ACQUIRED_LEASE
+    assert await cache.fill("v1:wallet:balance:GBIG", "t", codec.pack(body, 2**62, 1), 60_000)
+    assert await redis_client.strlen("v1:wallet:balance:GBIG") < len(body) / 3  # really compressed in Redis
+    stored = await cache.read("v1:wallet:balance:GBIG")
+    assert stored is not None and stored.body == body and not stored.short
+    acq = await cache.acquire("v1:wallet:balance:GBIG", "u", 5000)  # the Lua freshness check reads it too
+    assert acq.status == ACQUIRED_FRESH and acq.stored.body == body
+    small = codec.pack(b'{"a":1}', 5, 1)
+    assert small.startswith(b"1|") and codec.unpack(small).body == b'{"a":1}'
+    assert codec.unpack(codec.pack(body, 5, 1, short=True)).short
+    assert codec.unpack(b"z|1|1|not zlib") is None  # a corrupt value is a miss, never data

@@ -37,7 +37,7 @@ LEASE_SUFFIX = "|lease"
 _ACQUIRE = """
 local v = redis.call('GET', KEYS[1])
 if v then
-  local fresh_until = tonumber(string.match(v, '^[1s]|(%d+)|'))
+  local fresh_until = tonumber(string.match(v, '^[1syz]|(%d+)|'))
   if fresh_until and fresh_until > tonumber(ARGV[3]) then return {1, v} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
