@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from actors.cache_actor import CacheActor, Policy
 from actors.fees import FeesActor
+from actors.health import HealthProbe
 from actors.invalidation import Invalidator, L1Trust
 from actors.rates import RatesActor
 from actors.stats import Stats
@@ -220,6 +221,7 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
         invalidator.register(actor)
         await actor.start()
     app[K.STATS], app[K.L1_CACHE], app[K.INVALIDATOR], app[K.L1_TRUST] = stats, l1, invalidator, trust
+    app[K.HEALTH] = HealthProbe(app[K.PG_ORIGIN], l2)
     app[K.RATES], app[K.FEES] = rates, fees
     app[K.BALANCES], app[K.TRUSTLINES] = balances, trustlines
     try:
@@ -278,6 +280,7 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
         publish_timeout=s.redis.op_timeout,
     )
     invalidator.bus = bus
+    app[K.HEALTH].bus = bus
     invalidator.on_pending = lambda pending: trust.update(pending=pending)
     app[K.BUS] = bus
     task = asyncio.create_task(bus.run(), name="invalidation-subscriber")

@@ -11,6 +11,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace import SpanProcessor
 
 from actors.fees import FeesActor
+from actors.health import HealthProbe
 from actors.invalidation import Invalidator, L1Trust
 from actors.rates import RatesActor
 from actors.stats import Stats
@@ -65,6 +66,7 @@ HORIZON = web.AppKey("horizon", HorizonOrigin)
 BALANCES = web.AppKey("balances", BalancesActor)
 TRUSTLINES = web.AppKey("trustlines", TrustlinesActor)
 BUS = web.AppKey("bus", InvalidationBus)
+HEALTH = web.AppKey("health", HealthProbe)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 METRICS = web.AppKey("metrics", Metrics)

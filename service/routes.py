@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hmac
 from pathlib import Path
@@ -240,38 +239,21 @@ async def live(request: web.Request) -> web.Response:
     return web.Response(body=b'{"status":"alive"}', content_type=JSON)
 
 
-async def _check(coro: Any, limit: float) -> str:
-    try:
-        async with asyncio.timeout(limit):
-            await coro
-        return "up"
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        return "down"
-
-
 async def ready(request: web.Request) -> web.Response:
     app = request.app
     phase = app[K.LIFECYCLE].phase
-    redis = app[K.REDIS]
-    pg_check = _check(app[K.PG_ORIGIN].ping(), 1.0)
-    redis_check = _check(redis.cache.ping(), 0.5) if redis.cache is not None else None
-    pg = await pg_check
-    rd = await redis_check if redis_check is not None else "down"
-    bus = app[K.BUS] if K.BUS in app else None
-    invalidation = "subscribed" if bus is not None and bus.subscribed else "disconnected"
-    checks = {"postgres": pg, "redis": rd, "invalidation": invalidation}
+    has_redis = app[K.REDIS].cache is not None
+    checks = await app[K.HEALTH].checks()
     if phase is K.Phase.READY:
-        if redis.cache is None:  # REDIS_URL=none: one instance, L1 only, by configuration
-            healthy = pg == "up"
+        if not has_redis:  # REDIS_URL=none: one instance, L1 only, by configuration
+            healthy = checks["postgres"] == "up"
         else:
-            healthy = pg == "up" and rd == "up" and invalidation == "subscribed"
+            healthy = all(v in ("up", "subscribed") for v in checks.values())
         status, code = ("ok" if healthy else "degraded"), 200
     else:
         status, code = phase.value, 503
     body: dict[str, Any] = {"status": status, "checks": checks}
-    if redis.cache is None:
+    if not has_redis:
         body["redis_mode"] = "disabled"
     return web.Response(status=code, body=orjson.dumps(body), content_type=JSON)
 
