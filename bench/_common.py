@@ -255,8 +255,7 @@ def bench_pairs(n: int) -> list[tuple[str, str]]:
     return [("CNGN", "USD")] + [(f"B{i:05d}", "USD") for i in range(n - 1)]
 
 
-def env_flag_ms(seconds: float) -> float:
-    return seconds * 1000.0
+
 
 
 # ---------------------------------------------------------------- wrk (load from a separate process)
