@@ -163,7 +163,7 @@ class Cluster:
                 "AFRAMP_DATA_DIR": str(Path(self._tmp.name) / "data"),
                 **self.env,
             }
-            log = open(self.log_dir / f"{self.name}-{i}.log", "wb")  # noqa: SIM115 (closed in stop)
+            log = open(self.log_dir / f"{self.name}-{i}.log", "wb")
             self._logs.append(log)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "service", "serve", "--port", str(port), "--config", str(config)],

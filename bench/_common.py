@@ -180,9 +180,9 @@ def machine() -> dict[str, Any]:
 def new_loop_policy() -> None:
     """The service runs on uvloop when it is installed; in-process benchmarks do the same."""
     try:
-        import uvloop
-
         import asyncio
+
+        import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:

@@ -45,7 +45,7 @@ def bare_server(body: bytes):  # type: ignore[no-untyped-def]
     with tempfile.NamedTemporaryFile("wb", delete=False) as f:
         f.write(body)
     port = free_port()
-    log = open(OUT / "http_hot-bare.log", "wb")  # noqa: SIM115
+    log = open(OUT / "http_hot-bare.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "bench._bare", "--port", str(port), "--body-file", f.name],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

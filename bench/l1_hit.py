@@ -1,4 +1,4 @@
-"""In-process L1 hit: ``await actor.get(key)`` vs raw ``TTLCache[key]``, cashews' memory backend, aiocache's memory cache.
+"""In-process L1 hit: ``await actor.get(key)`` vs raw ``TTLCache[key]``, cashews' and aiocache's memory caches.
 
 Every contender runs in the same loop shape (an ``async def`` iterating over 1 000 preloaded hot keys, each
 answer a ~100-byte JSON body) on the same event loop (uvloop when installed). Figures are ns per read, net of the
@@ -56,9 +56,9 @@ async def timed(fn: Any, n: int, repeats: int) -> list[float]:
 async def run(smoke: bool, n: int, repeats: int, out: str) -> Result:
     if smoke:
         n, repeats = 2000, 2
+    from aiocache import SimpleMemoryCache
     from cashews import Cache
     from cashews.backends.memory import Memory
-    from aiocache import SimpleMemoryCache
 
     from tiers import keys
 
@@ -165,8 +165,8 @@ async def run(smoke: bool, n: int, repeats: int, out: str) -> Result:
     r = ratio(ours, raw)
     res.check("actor.get vs raw TTLCache[key]", ours, raw, r, "≤ 3×", r <= 3.0, "ns")
     cw_best = min(best["cashews Cache('mem://').get"], best["cashews Memory backend .get"])
-    res.check("actor.get vs cashews (fastest API)", ours, cw_best, ratio(ours, cw_best), "< 1× (faster)", ours < cw_best,
-              "ns")
+    res.check("actor.get vs cashews (fastest API)", ours, cw_best, ratio(ours, cw_best), "< 1× (faster)",
+              ours < cw_best, "ns")
     ac_best = best["aiocache SimpleMemoryCache.get"]
     res.check("actor.get vs aiocache", ours, ac_best, ratio(ours, ac_best), "< 1× (faster)", ours < ac_best, "ns")
     res.meta.update(n=n, repeats=repeats, keys=KEYS, loop_ns=base)
