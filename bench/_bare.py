@@ -30,8 +30,14 @@ def main() -> None:
         import uvloop
     except ImportError:
         uvloop = None
-    web.run_app(make_app(Path(args.body_file).read_bytes()), host="127.0.0.1", port=args.port, access_log=None,
-                print=None, loop=uvloop.new_event_loop() if uvloop else None)
+    web.run_app(
+        make_app(Path(args.body_file).read_bytes()),
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop() if uvloop else None,
+    )
 
 
 if __name__ == "__main__":

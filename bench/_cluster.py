@@ -167,7 +167,11 @@ class Cluster:
             self._logs.append(log)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "service", "serve", "--port", str(port), "--config", str(config)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             self.procs.append(proc)
             self.ports.append(port)
@@ -178,8 +182,10 @@ class Cluster:
             for i, url in enumerate(self.urls):
                 while True:
                     if self.procs[i].poll() is not None:
-                        raise RuntimeError(f"instance {i} exited ({self.procs[i].returncode}); see "
-                                           f"{self.log_dir / f'{self.name}-{i}.log'}")
+                        raise RuntimeError(
+                            f"instance {i} exited ({self.procs[i].returncode}); see "
+                            f"{self.log_dir / f'{self.name}-{i}.log'}"
+                        )
                     with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
                         async with s.get(url + "/health/ready", timeout=aiohttp.ClientTimeout(total=1)) as r:
                             if r.status == 200 and (await r.json()).get("status") == "ok":

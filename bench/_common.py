@@ -42,8 +42,13 @@ def pg_dsn() -> str:
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--smoke", "--quick", dest="smoke", action="store_true",
-                   help="tiny sizes, a few seconds (CI): checks the benchmark runs, not its timings")
+    p.add_argument(
+        "--smoke",
+        "--quick",
+        dest="smoke",
+        action="store_true",
+        help="tiny sizes, a few seconds (CI): checks the benchmark runs, not its timings",
+    )
     p.add_argument("--out", default=str(OUT), help="directory of the JSON result (default bench/out)")
     return p
 
@@ -97,10 +102,20 @@ class Result:
     def row(self, **values: Any) -> None:
         self.rows.append(values)
 
-    def check(self, what: str, ours: float, baseline: float | None, value: float, target: str, met: bool,
-              unit: str = "") -> None:
-        self.checks.append({"what": what, "ours": ours, "baseline": baseline, "ratio": value, "target": target,
-                            "met": bool(met), "unit": unit})
+    def check(
+        self, what: str, ours: float, baseline: float | None, value: float, target: str, met: bool, unit: str = ""
+    ) -> None:
+        self.checks.append(
+            {
+                "what": what,
+                "ours": ours,
+                "baseline": baseline,
+                "ratio": value,
+                "target": target,
+                "met": bool(met),
+                "unit": unit,
+            }
+        )
 
     def sample(self, label: str, values: Sequence[float], keep: int = 20000) -> None:
         vals = list(values)
@@ -131,8 +146,13 @@ class Result:
         print(table(self.columns, self.rows), file=file)
         if self.checks:
             print(file=file)
-            print(table(["what", "ours", "baseline", "ratio", "target", "met"],
-                        [{**c, "met": "yes" if c["met"] else "NO"} for c in self.checks]), file=file)
+            print(
+                table(
+                    ["what", "ours", "baseline", "ratio", "target", "met"],
+                    [{**c, "met": "yes" if c["met"] else "NO"} for c in self.checks],
+                ),
+                file=file,
+            )
 
 
 def fmt(v: Any) -> str:
@@ -255,9 +275,6 @@ def bench_pairs(n: int) -> list[tuple[str, str]]:
     return [("CNGN", "USD")] + [(f"B{i:05d}", "USD") for i in range(n - 1)]
 
 
-
-
-
 # ---------------------------------------------------------------- wrk (load from a separate process)
 
 _WRK_LUA = """
@@ -274,8 +291,9 @@ end
 """
 
 
-def run_wrk(url: str, *, duration: float, connections: int = 32, threads: int = 1,
-            headers: dict[str, str] | None = None) -> dict[str, Any]:
+def run_wrk(
+    url: str, *, duration: float, connections: int = 32, threads: int = 1, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run wrk against ``url``; req/s and latency percentiles (ms) from wrk's own histogram."""
     import subprocess
     import tempfile

@@ -54,9 +54,10 @@ async def run(smoke: bool, n: int, latency: float, out: str) -> Result:
         async with Cluster(1, name="cached_vs_uncached", dsn=dsn, horizon_url=horizon.url) as cluster:
             base = cluster.urls[0]
             async with aiohttp.ClientSession() as s:
-                for label, paths in [("rate (Postgres)", [f"/v1/rates/{b}/{q}" for b, q in pairs]),
-                                     (f"balance (Horizon, {latency * 1000:.0f} ms)",
-                                      [f"/v1/wallets/{a}/balances" for a in accounts])]:
+                for label, paths in [
+                    ("rate (Postgres)", [f"/v1/rates/{b}/{q}" for b, q in pairs]),
+                    (f"balance (Horizon, {latency * 1000:.0f} ms)", [f"/v1/wallets/{a}/balances" for a in accounts]),
+                ]:
                     await timed_get(s, base + paths[0], "MISS")  # warm-up: pools, code paths
                     await timed_get(s, base + paths[0], "L1")
                     cold, hot = [], []
@@ -67,8 +68,11 @@ async def run(smoke: bool, n: int, latency: float, out: str) -> Result:
                     lat[f"{label}: cached (L1)"] = hot
     finally:
         await horizon.close()
-    res = Result("cached_vs_uncached", "Cached vs uncached end-to-end response time (one instance)",
-                 ["read", "n", "p50 ms", "p99 ms", "mean ms"])
+    res = Result(
+        "cached_vs_uncached",
+        "Cached vs uncached end-to-end response time (one instance)",
+        ["read", "n", "p50 ms", "p99 ms", "mean ms"],
+    )
     for label, vals in lat.items():
         st = summary(vals)
         res.row(**{"read": label, "n": st["n"], "p50 ms": st["p50"], "p99 ms": st["p99"], "mean ms": st["mean"]})
@@ -77,8 +81,9 @@ async def run(smoke: bool, n: int, latency: float, out: str) -> Result:
     for i in range(0, len(labels), 2):
         cold, hot = summary(lat[labels[i]]), summary(lat[labels[i + 1]])
         speedup = cold["p50"] / hot["p50"]
-        res.check(f"speed-up (p50), {labels[i].split(':')[0]}", hot["p50"], cold["p50"], speedup, "≥ 20×",
-                  speedup >= 20, "ms")
+        res.check(
+            f"speed-up (p50), {labels[i].split(':')[0]}", hot["p50"], cold["p50"], speedup, "≥ 20×", speedup >= 20, "ms"
+        )
     res.meta.update(n=n, horizon_latency_s=latency, horizon_calls=horizon.total)
     res.write(out)
     return res

@@ -46,9 +46,14 @@ def bare_server(body: bytes):  # type: ignore[no-untyped-def]
         f.write(body)
     port = free_port()
     log = open(OUT / "http_hot-bare.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "bench._bare", "--port", str(port), "--body-file", f.name],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench._bare", "--port", str(port), "--body-file", f.name],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -107,8 +112,11 @@ async def run(smoke: bool, duration: float, rounds: int, connections: int, varia
     dsn = await prepare_postgres()
     await seed_rates(dsn, bench_pairs(4))
     await flush_bench_redis()
-    res = Result("http_hot", "HTTP hot path: GET /v1/rates/CNGN/USD from L1 vs a bare aiohttp app (wrk)",
-                 ["server", "req/s (median)", "req/s (best)", "p50 ms", "p99 ms", "errors", "requests"])
+    res = Result(
+        "http_hot",
+        "HTTP hot path: GET /v1/rates/CNGN/USD from L1 vs a bare aiohttp app (wrk)",
+        ["server", "req/s (median)", "req/s (best)", "p50 ms", "p99 ms", "errors", "requests"],
+    )
     res.meta.update(duration_s=duration, rounds=rounds, connections=connections, wrk_threads=1)
     async with Cluster(1, name="http_hot", dsn=dsn) as cluster:
         url = cluster.urls[0] + PATH
@@ -136,8 +144,15 @@ async def run(smoke: bool, duration: float, rounds: int, connections: int, varia
             res.rows.append(aggregate(label, runs))
     rps_ratio = ratio(ours_row["req/s (median)"], bare_row["req/s (median)"])
     p99_ratio = ratio(ours_row["p99 ms"], bare_row["p99 ms"])
-    res.check("req/s", ours_row["req/s (median)"], bare_row["req/s (median)"], rps_ratio, "≥ 0.85× bare",
-              rps_ratio >= 0.85, "req/s")
+    res.check(
+        "req/s",
+        ours_row["req/s (median)"],
+        bare_row["req/s (median)"],
+        rps_ratio,
+        "≥ 0.85× bare",
+        rps_ratio >= 0.85,
+        "req/s",
+    )
     res.check("p99 latency", ours_row["p99 ms"], bare_row["p99 ms"], p99_ratio, "≤ 2× bare", p99_ratio <= 2.0, "ms")
     res.write(out)
     return res

@@ -94,22 +94,43 @@ async def run(smoke: bool, writes: int, instances: int, out: str) -> Result:
         finally:
             for s in sessions:
                 await s.close()
-    res = Result("invalidation", f"Invalidation propagation over {instances} instances, {writes} writes",
-                 ["measure", "n", "p50 ms", "p99 ms", "max ms", "mean ms"])
-    for label, vals in [("peer serves new value, from PUT answer", after_ack),
-                        ("peer serves new value, from PUT sent", after_send),
-                        ("PUT round trip (writer)", put_ms),
-                        ("baseline: one GET round trip (poll resolution)", poll_rtt)]:
+    res = Result(
+        "invalidation",
+        f"Invalidation propagation over {instances} instances, {writes} writes",
+        ["measure", "n", "p50 ms", "p99 ms", "max ms", "mean ms"],
+    )
+    for label, vals in [
+        ("peer serves new value, from PUT answer", after_ack),
+        ("peer serves new value, from PUT sent", after_send),
+        ("PUT round trip (writer)", put_ms),
+        ("baseline: one GET round trip (poll resolution)", poll_rtt),
+    ]:
         st = summary(vals)
-        res.row(**{"measure": label, "n": st["n"], "p50 ms": st["p50"], "p99 ms": st["p99"], "max ms": st["max"],
-                   "mean ms": st["mean"]})
+        res.row(
+            **{
+                "measure": label,
+                "n": st["n"],
+                "p50 ms": st["p50"],
+                "p99 ms": st["p99"],
+                "max ms": st["max"],
+                "mean ms": st["mean"],
+            }
+        )
         res.sample(label, vals)
     p99 = percentile(after_ack, 99)
     rtt99 = percentile(poll_rtt, 99)
-    res.check("propagation p99 (from PUT answer)", p99, rtt99, p99 / rtt99 if rtt99 else float("inf"), "≤ 5 ms",
-              p99 <= 5.0, "ms")
-    res.meta.update(writes=writes, instances=instances, polls=polls, peer_reads_not_from_l1=not_l1,
-                    invalidations_received=received)
+    res.check(
+        "propagation p99 (from PUT answer)",
+        p99,
+        rtt99,
+        p99 / rtt99 if rtt99 else float("inf"),
+        "≤ 5 ms",
+        p99 <= 5.0,
+        "ms",
+    )
+    res.meta.update(
+        writes=writes, instances=instances, polls=polls, peer_reads_not_from_l1=not_l1, invalidations_received=received
+    )
     res.write(out)
     return res
 

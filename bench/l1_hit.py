@@ -39,8 +39,14 @@ def make_actor() -> Any:
     settings = load_settings(ROOT / "config.toml", {"REDIS_URL": "none", "DATABASE_URL": "postgresql://x@127.0.0.1/x"})
     stats = Stats()
     l1 = L1(settings.l1.max_entries, settings.l1.max_ttl)
-    return RatesActor(origin=None, invalidator=Invalidator(None, stats), l1=l1, l2=None,  # type: ignore[arg-type]
-                      policy=build_policy(settings), stats=stats)
+    return RatesActor(
+        origin=None,
+        invalidator=Invalidator(None, stats),
+        l1=l1,
+        l2=None,  # type: ignore[arg-type]
+        policy=build_policy(settings),
+        stats=stats,
+    )
 
 
 async def timed(fn: Any, n: int, repeats: int) -> list[float]:
@@ -150,23 +156,31 @@ async def run(smoke: bool, n: int, repeats: int, out: str) -> Result:
     await cw.close()
 
     base = min(gross["empty loop (reference)"])
-    res = Result("l1_hit", "In-process L1 hit: ns per read (net of the empty loop)",
-                 ["contender", "ns/read (best, net)", "ns/read (median, net)", "ns/read (best, gross)",
-                  "× raw TTLCache"])
+    res = Result(
+        "l1_hit",
+        "In-process L1 hit: ns per read (net of the empty loop)",
+        ["contender", "ns/read (best, net)", "ns/read (median, net)", "ns/read (best, gross)", "× raw TTLCache"],
+    )
     best = {name: max(1.0, min(v) - base) for name, v in gross.items()}
     best["empty loop (reference)"] = min(gross["empty loop (reference)"])
     raw = best["raw TTLCache[key]"]
     for name, _ in contenders:
-        res.row(**{"contender": name, "ns/read (best, net)": best[name],
-                   "ns/read (median, net)": max(1.0, statistics.median(gross[name]) - base),
-                   "ns/read (best, gross)": min(gross[name]),
-                   "× raw TTLCache": ratio(best[name], raw) if name != "empty loop (reference)" else None})
+        res.row(
+            **{
+                "contender": name,
+                "ns/read (best, net)": best[name],
+                "ns/read (median, net)": max(1.0, statistics.median(gross[name]) - base),
+                "ns/read (best, gross)": min(gross[name]),
+                "× raw TTLCache": ratio(best[name], raw) if name != "empty loop (reference)" else None,
+            }
+        )
     ours = best["await actor.get(key)"]
     r = ratio(ours, raw)
     res.check("actor.get vs raw TTLCache[key]", ours, raw, r, "≤ 3×", r <= 3.0, "ns")
     cw_best = min(best["cashews Cache('mem://').get"], best["cashews Memory backend .get"])
-    res.check("actor.get vs cashews (fastest API)", ours, cw_best, ratio(ours, cw_best), "< 1× (faster)",
-              ours < cw_best, "ns")
+    res.check(
+        "actor.get vs cashews (fastest API)", ours, cw_best, ratio(ours, cw_best), "< 1× (faster)", ours < cw_best, "ns"
+    )
     ac_best = best["aiocache SimpleMemoryCache.get"]
     res.check("actor.get vs aiocache", ours, ac_best, ratio(ours, ac_best), "< 1× (faster)", ours < ac_best, "ns")
     res.meta.update(n=n, repeats=repeats, keys=KEYS, loop_ns=base)

@@ -57,8 +57,11 @@ async def run(smoke: bool, n: int, repeats: int, out: str) -> Result:
     async def actor_get(i: int) -> None:
         await actor.get(ckeys[i % KEYS])
 
-    contenders = [("raw redis.asyncio GET", raw_get), ("RedisCache.read (tier only)", tier_read),
-                  ("await actor.get(key), L1 off", actor_get)]
+    contenders = [
+        ("raw redis.asyncio GET", raw_get),
+        ("RedisCache.read (tier only)", tier_read),
+        ("await actor.get(key), L1 off", actor_get),
+    ]
     lat: dict[str, list[float]] = {name: [] for name, _ in contenders}
     per_run: dict[str, list[float]] = {name: [] for name, _ in contenders}
     for _ in range(repeats):
@@ -75,13 +78,24 @@ async def run(smoke: bool, n: int, repeats: int, out: str) -> Result:
     await actor.stop()
     await client.aclose()
 
-    res = Result("l2_hit", "L2 hit: µs per read from Redis, actor (L1 off) vs raw GET",
-                 ["contender", "mean µs (best run)", "p50 µs", "p99 µs", "max µs", "× raw GET (mean)"])
+    res = Result(
+        "l2_hit",
+        "L2 hit: µs per read from Redis, actor (L1 off) vs raw GET",
+        ["contender", "mean µs (best run)", "p50 µs", "p99 µs", "max µs", "× raw GET (mean)"],
+    )
     raw_mean = min(per_run["raw redis.asyncio GET"])
     for name, _ in contenders:
         s = summary(lat[name])
-        res.row(**{"contender": name, "mean µs (best run)": min(per_run[name]), "p50 µs": s["p50"],
-                   "p99 µs": s["p99"], "max µs": s["max"], "× raw GET (mean)": ratio(min(per_run[name]), raw_mean)})
+        res.row(
+            **{
+                "contender": name,
+                "mean µs (best run)": min(per_run[name]),
+                "p50 µs": s["p50"],
+                "p99 µs": s["p99"],
+                "max µs": s["max"],
+                "× raw GET (mean)": ratio(min(per_run[name]), raw_mean),
+            }
+        )
         res.sample(name, lat[name])
     ours = min(per_run["await actor.get(key), L1 off"])
     r = ratio(ours, raw_mean)

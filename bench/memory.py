@@ -37,25 +37,52 @@ def bodies(kind: str, i: int) -> tuple[Any, bytes]:
     issuer = account(10**9)
     if kind == "exchange_rate":
         return keys.rate(f"B{i:05d}", "USD"), orjson.dumps(
-            {"base": f"B{i:05d}", "quote": "USD", "rate": "0.00065", "source": "bench",
-             "updated_at": "2026-01-01T00:00:00.000000Z"})
+            {
+                "base": f"B{i:05d}",
+                "quote": "USD",
+                "rate": "0.00065",
+                "source": "bench",
+                "updated_at": "2026-01-01T00:00:00.000000Z",
+            }
+        )
     if kind == "conversion":
         return keys.conversion(f"{i}.5", "CNGN", "USD"), orjson.dumps(
-            {"from": "CNGN", "to": "USD", "rate": "0.00065", "result": "0.0653250"})
+            {"from": "CNGN", "to": "USD", "rate": "0.00065", "result": "0.0653250"}
+        )
     if kind == "fee_structure":
         return keys.fee_structure(f"fee_{i}"), orjson.dumps(
-            {"fee_type": f"fee_{i}", "rate_bps": 150, "flat": "0", "min": "0", "max": "1000", "currency": "NGN"})
+            {"fee_type": f"fee_{i}", "rate_bps": 150, "flat": "0", "min": "0", "max": "1000", "currency": "NGN"}
+        )
     if kind == "wallet_balance":
         a = account(i)
-        return keys.balance(a), orjson.dumps({"account_id": a, "balances": [
-            {"asset_type": "native", "asset_code": "XLM", "asset_issuer": None, "balance": "9.8765432",
-             "limit": None, "is_authorized": None},
-            {"asset_type": "credit_alphanum4", "asset_code": "USDC", "asset_issuer": issuer,
-             "balance": "125.5000000", "limit": "922337203685.4775807", "is_authorized": True}]})
+        return keys.balance(a), orjson.dumps(
+            {
+                "account_id": a,
+                "balances": [
+                    {
+                        "asset_type": "native",
+                        "asset_code": "XLM",
+                        "asset_issuer": None,
+                        "balance": "9.8765432",
+                        "limit": None,
+                        "is_authorized": None,
+                    },
+                    {
+                        "asset_type": "credit_alphanum4",
+                        "asset_code": "USDC",
+                        "asset_issuer": issuer,
+                        "balance": "125.5000000",
+                        "limit": "922337203685.4775807",
+                        "is_authorized": True,
+                    },
+                ],
+            }
+        )
     if kind == "trustline":
         a = account(i)
         return keys.trustline(a, "USDC", issuer), orjson.dumps(
-            {"account_id": a, "asset_code": "USDC", "asset_issuer": issuer, "exists": True, "authorized": True})
+            {"account_id": a, "asset_code": "USDC", "asset_issuer": issuer, "exists": True, "authorized": True}
+        )
     raise ValueError(kind)
 
 
@@ -90,12 +117,18 @@ def measure(kind: str, entries: int) -> dict[str, Any]:
     tracemalloc.stop()
     # strings and bodies were allocated before tracing: count their bytes as held too (L1 keeps them alive)
     held = full + sum(sys.getsizeof(r) + sys.getsizeof(b) for r, b, _ in rendered[:entries])
-    return {"data type": kind, "entries": len(actor.l1), "payload B/entry": payload,
-            "L1 B/entry (structures)": full / entries, "L1 B/entry (incl. key+body objects)": held / entries,
-            "× payload": held / entries / payload, "total MiB at max_entries": held / 2**20,
-            "growth after 3× keys": (after - full) / max(1, full),
-            "growth after 5× keys": (after2 - full) / max(1, full),
-            "bounded": len(actor.l1) == entries and after2 <= after * 1.10 + 64 * entries}
+    return {
+        "data type": kind,
+        "entries": len(actor.l1),
+        "payload B/entry": payload,
+        "L1 B/entry (structures)": full / entries,
+        "L1 B/entry (incl. key+body objects)": held / entries,
+        "× payload": held / entries / payload,
+        "total MiB at max_entries": held / 2**20,
+        "growth after 3× keys": (after - full) / max(1, full),
+        "growth after 5× keys": (after2 - full) / max(1, full),
+        "bounded": len(actor.l1) == entries and after2 <= after * 1.10 + 64 * entries,
+    }
 
 
 def run(smoke: bool, entries: int | None, out: str) -> Result:
@@ -105,10 +138,22 @@ def run(smoke: bool, entries: int | None, out: str) -> Result:
     n = entries or configured
     if smoke:
         n = 500
-    res = Result("memory", f"L1 memory per entry at max_entries = {n}",
-                 ["data type", "entries", "payload B/entry", "L1 B/entry (structures)",
-                  "L1 B/entry (incl. key+body objects)", "× payload", "total MiB at max_entries",
-                  "growth after 3× keys", "growth after 5× keys", "bounded"])
+    res = Result(
+        "memory",
+        f"L1 memory per entry at max_entries = {n}",
+        [
+            "data type",
+            "entries",
+            "payload B/entry",
+            "L1 B/entry (structures)",
+            "L1 B/entry (incl. key+body objects)",
+            "× payload",
+            "total MiB at max_entries",
+            "growth after 3× keys",
+            "growth after 5× keys",
+            "bounded",
+        ],
+    )
     import bench.l1_hit as l1h
 
     orig = l1h.make_actor
@@ -125,8 +170,15 @@ def run(smoke: bool, entries: int | None, out: str) -> Result:
         for kind in KINDS:
             row = measure(kind, n)
             res.rows.append(row)
-            res.check(f"bounded, {kind}", row["entries"], n, row["growth after 5× keys"], "size = max_entries, plateau",
-                      row["bounded"], "entries")
+            res.check(
+                f"bounded, {kind}",
+                row["entries"],
+                n,
+                row["growth after 5× keys"],
+                "size = max_entries, plateau",
+                row["bounded"],
+                "entries",
+            )
     finally:
         l1h.make_actor = orig
     res.meta.update(max_entries=n, configured_max_entries=configured)

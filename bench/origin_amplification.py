@@ -36,8 +36,16 @@ def ideal_loads(times: list[float], ttl: float) -> int:
     return loads
 
 
-async def run(smoke: bool, duration: float, ttl: float, nkeys: int, concurrency: int, instances: int,
-              refresh_ahead: float | None, out: str) -> Result:
+async def run(
+    smoke: bool,
+    duration: float,
+    ttl: float,
+    nkeys: int,
+    concurrency: int,
+    instances: int,
+    refresh_ahead: float | None,
+    out: str,
+) -> Result:
     if smoke:
         duration, ttl, nkeys, concurrency = 2.0, 1.0, 300, 8
     from stellar_sdk import Keypair
@@ -58,8 +66,10 @@ async def run(smoke: bool, duration: float, ttl: float, nkeys: int, concurrency:
     # key id -> (kind, path, rate pair index for the ideal)
     keyspace: list[tuple[str, str, int]] = []
     keyspace += [("rate", f"/v1/rates/{b}/{q}", i) for i, (b, q) in enumerate(pairs)]
-    keyspace += [("conversion", f"/v1/rates/convert?amount={i + 1}.5&from={pairs[i % n_rates][0]}&to=USD",
-                  i % n_rates) for i in range(n_conv)]
+    keyspace += [
+        ("conversion", f"/v1/rates/convert?amount={i + 1}.5&from={pairs[i % n_rates][0]}&to=USD", i % n_rates)
+        for i in range(n_conv)
+    ]
     keyspace += [("balance", f"/v1/wallets/{a}/balances", -1) for a in accounts]
     rng = np.random.default_rng(42)
     order = rng.permutation(len(keyspace))  # rank -> key: every kind gets hot and cold keys
@@ -73,8 +83,9 @@ async def run(smoke: bool, duration: float, ttl: float, nkeys: int, concurrency:
     log: list[tuple[float, int]] = []
     errors = 0
     try:
-        async with Cluster(instances, name="amplification", dsn=dsn, horizon_url=horizon.url,
-                           overrides=overrides) as cluster:
+        async with Cluster(
+            instances, name="amplification", dsn=dsn, horizon_url=horizon.url, overrides=overrides
+        ) as cluster:
             urls = cluster.urls
             conn = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=conn) as s:
@@ -101,8 +112,9 @@ async def run(smoke: bool, duration: float, ttl: float, nkeys: int, concurrency:
                 stats = await cluster.stats(s)
                 horizon_calls = horizon.total - h_before
                 bal_loads = sum(st["types"]["wallet_balance"]["origin_loads"] for st in stats)
-                refreshes = {dt: sum(st["types"][dt]["refreshes"] for st in stats)
-                             for dt in ("exchange_rate", "wallet_balance")}
+                refreshes = {
+                    dt: sum(st["types"][dt]["refreshes"] for st in stats) for dt in ("exchange_rate", "wallet_balance")
+                }
     finally:
         await horizon.close()
 
@@ -128,26 +140,68 @@ async def run(smoke: bool, duration: float, ttl: float, nkeys: int, concurrency:
         ideal_rate += ideal_loads(ts, ttl)
     nocache_rate = counts["rate"] + 2 * counts["conversion"]
     nocache_bal = counts["balance"]
-    res = Result("origin_amplification",
-                 f"Origin loads: {instances} instances, Zipf(1.1) over {len(keyspace)} keys, TTL {ttl:g} s, "
-                 f"{duration:g} s",
-                 ["origin", "requests", "no-cache loads", "ideal loads", "our loads", "× ideal",
-                  "reduction vs no cache", "background refreshes"])
-    res.row(**{"origin": "Postgres (rates + conversions)", "requests": counts["rate"] + counts["conversion"],
-               "no-cache loads": nocache_rate, "ideal loads": ideal_rate, "our loads": rate_loads,
-               "× ideal": ratio(rate_loads, ideal_rate), "reduction vs no cache": ratio(nocache_rate, rate_loads),
-               "background refreshes": refreshes["exchange_rate"]})
-    res.row(**{"origin": "Horizon (balances)", "requests": counts["balance"], "no-cache loads": nocache_bal,
-               "ideal loads": ideal_bal, "our loads": horizon_calls, "× ideal": ratio(horizon_calls, ideal_bal),
-               "reduction vs no cache": ratio(nocache_bal, horizon_calls),
-               "background refreshes": refreshes["wallet_balance"]})
+    res = Result(
+        "origin_amplification",
+        f"Origin loads: {instances} instances, Zipf(1.1) over {len(keyspace)} keys, TTL {ttl:g} s, {duration:g} s",
+        [
+            "origin",
+            "requests",
+            "no-cache loads",
+            "ideal loads",
+            "our loads",
+            "× ideal",
+            "reduction vs no cache",
+            "background refreshes",
+        ],
+    )
+    res.row(
+        **{
+            "origin": "Postgres (rates + conversions)",
+            "requests": counts["rate"] + counts["conversion"],
+            "no-cache loads": nocache_rate,
+            "ideal loads": ideal_rate,
+            "our loads": rate_loads,
+            "× ideal": ratio(rate_loads, ideal_rate),
+            "reduction vs no cache": ratio(nocache_rate, rate_loads),
+            "background refreshes": refreshes["exchange_rate"],
+        }
+    )
+    res.row(
+        **{
+            "origin": "Horizon (balances)",
+            "requests": counts["balance"],
+            "no-cache loads": nocache_bal,
+            "ideal loads": ideal_bal,
+            "our loads": horizon_calls,
+            "× ideal": ratio(horizon_calls, ideal_bal),
+            "reduction vs no cache": ratio(nocache_bal, horizon_calls),
+            "background refreshes": refreshes["wallet_balance"],
+        }
+    )
     for row in res.rows:
-        res.check(f"loads vs ideal, {row['origin'].split(' ')[0]}", row["our loads"], row["ideal loads"],
-                  row["× ideal"], "≤ 1.05×", row["× ideal"] <= 1.05, "loads")
-    res.meta.update(duration_s=duration, ttl_s=ttl, keys=len(keyspace), concurrency=concurrency,
-                    instances=instances, requests=len(log), errors=errors, req_per_s=len(log) / duration,
-                    distinct_keys=len(per_key), balance_origin_loads=bal_loads, counts=counts,
-                    refresh_ahead=refresh_ahead if refresh_ahead is not None else "config default")
+        res.check(
+            f"loads vs ideal, {row['origin'].split(' ')[0]}",
+            row["our loads"],
+            row["ideal loads"],
+            row["× ideal"],
+            "≤ 1.05×",
+            row["× ideal"] <= 1.05,
+            "loads",
+        )
+    res.meta.update(
+        duration_s=duration,
+        ttl_s=ttl,
+        keys=len(keyspace),
+        concurrency=concurrency,
+        instances=instances,
+        requests=len(log),
+        errors=errors,
+        req_per_s=len(log) / duration,
+        distinct_keys=len(per_key),
+        balance_origin_loads=bal_loads,
+        counts=counts,
+        refresh_ahead=refresh_ahead if refresh_ahead is not None else "config default",
+    )
     res.write(out)
     return res
 

@@ -1,6 +1,6 @@
 """Draw docs/img/*.png from bench/out/*.json (matplotlib, Agg backend): latency distributions and throughput bars.
 
-    python -m bench.plots [--out bench/out] [--img docs/img]
+python -m bench.plots [--out bench/out] [--img docs/img]
 """
 
 from __future__ import annotations
@@ -52,8 +52,13 @@ def draw(out: Path = OUT, img: Path = IMG) -> list[Path]:
     if d := _load(out, "http_hot"):
         rows = d["rows"]
         p = img / "http_hot_rps.png"
-        _bars(p, "HTTP hot path: req/s (wrk, median of rounds)", [r["server"] for r in rows],
-              [r["req/s (median)"] for r in rows], "req/s")
+        _bars(
+            p,
+            "HTTP hot path: req/s (wrk, median of rounds)",
+            [r["server"] for r in rows],
+            [r["req/s (median)"] for r in rows],
+            "req/s",
+        )
         made.append(p)
         pct = d["meta"].get("percentiles_ms", {})
         if pct:
@@ -74,8 +79,13 @@ def draw(out: Path = OUT, img: Path = IMG) -> list[Path]:
 
     if d := _load(out, "scaling"):
         p = img / "scaling_rps.png"
-        _bars(p, "Scaling on 2 cores: req/s", [f"{r['instances']} instance(s)" for r in d["rows"]],
-              [r["req/s (median)"] for r in d["rows"]], "req/s")
+        _bars(
+            p,
+            "Scaling on 2 cores: req/s",
+            [f"{r['instances']} instance(s)" for r in d["rows"]],
+            [r["req/s (median)"] for r in d["rows"]],
+            "req/s",
+        )
         made.append(p)
 
     if d := _load(out, "l1_hit"):
@@ -119,8 +129,9 @@ def draw(out: Path = OUT, img: Path = IMG) -> list[Path]:
         rows = d["rows"]
         xs = range(len(rows))
         w = 0.27
-        for j, (col, color) in enumerate([("no-cache loads", "#888888"), ("ideal loads", "#2ca02c"),
-                                          ("our loads", "#1f77b4")]):
+        for j, (col, color) in enumerate(
+            [("no-cache loads", "#888888"), ("ideal loads", "#2ca02c"), ("our loads", "#1f77b4")]
+        ):
             bars = ax.bar([x + (j - 1) * w for x in xs], [r[col] for r in rows], w, label=col, color=color)
             ax.bar_label(bars, fontsize=7)
         ax.set_xticks(list(xs), [r["origin"] for r in rows], fontsize=8)
@@ -137,10 +148,14 @@ def draw(out: Path = OUT, img: Path = IMG) -> list[Path]:
         rows = d["rows"]
         fig, ax = plt.subplots(figsize=(7, 3.6))
         xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["payload B/entry"] for r in rows], 0.4, label="payload (key + body)",
-               color="#888888")
-        ax.bar([x + 0.2 for x in xs], [r["L1 B/entry (incl. key+body objects)"] for r in rows], 0.4,
-               label="held by L1")
+        ax.bar(
+            [x - 0.2 for x in xs],
+            [r["payload B/entry"] for r in rows],
+            0.4,
+            label="payload (key + body)",
+            color="#888888",
+        )
+        ax.bar([x + 0.2 for x in xs], [r["L1 B/entry (incl. key+body objects)"] for r in rows], 0.4, label="held by L1")
         ax.set_xticks(list(xs), [r["data type"] for r in rows], fontsize=8)
         ax.set_ylabel("bytes per entry")
         ax.set_title(d["title"], fontsize=10)

@@ -58,8 +58,21 @@ async def main_async(path: str, seconds: float, native: bool) -> None:
         await asyncio.sleep(1)
         out = OUT / "profile_hot.txt"
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        cmd = [spy, "record", "--nonblocking", "-r", "500", "-d", str(int(seconds)),
-               "-f", "raw", "-o", str(out), "-p", str(cluster.pids[0])] + (["--native"] if native else [])
+        cmd = [
+            spy,
+            "record",
+            "--nonblocking",
+            "-r",
+            "500",
+            "-d",
+            str(int(seconds)),
+            "-f",
+            "raw",
+            "-o",
+            str(out),
+            "-p",
+            str(cluster.pids[0]),
+        ] + (["--native"] if native else [])
         await asyncio.to_thread(subprocess.run, cmd, check=True, capture_output=True)
         await asyncio.to_thread(load.join)
     print(summarize(out))

@@ -1,6 +1,6 @@
 """The whole suite, one command: every benchmark in turn, then the plots, then a summary of every target.
 
-    python -m bench.run_all [--smoke] [--only NAME,NAME] [--no-plots]
+python -m bench.run_all [--smoke] [--only NAME,NAME] [--no-plots]
 """
 
 from __future__ import annotations
@@ -16,8 +16,18 @@ if __package__ in (None, ""):
 
 from bench._common import OUT, table, wrk_path
 
-BENCHMARKS = ["http_hot", "l1_hit", "l2_hit", "origin_amplification", "stampede", "invalidation", "writes",
-              "cached_vs_uncached", "scaling", "memory"]
+BENCHMARKS = [
+    "http_hot",
+    "l1_hit",
+    "l2_hit",
+    "origin_amplification",
+    "stampede",
+    "invalidation",
+    "writes",
+    "cached_vs_uncached",
+    "scaling",
+    "memory",
+]
 NEEDS_WRK = {"http_hot", "scaling"}
 
 

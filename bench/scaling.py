@@ -26,8 +26,12 @@ from bench.http_hot import PATH, warm
 def parallel_wrk(urls: list[str], duration: float, connections: int) -> dict:
     with ThreadPoolExecutor(len(urls)) as ex:
         runs = list(ex.map(lambda u: run_wrk(u, duration=duration, connections=connections), urls))
-    return {"rps": sum(r["rps"] for r in runs), "p99_ms": max(r["p99_ms"] for r in runs),
-            "p50_ms": statistics.median(r["p50_ms"] for r in runs), "errors": sum(r["errors"] for r in runs)}
+    return {
+        "rps": sum(r["rps"] for r in runs),
+        "p99_ms": max(r["p99_ms"] for r in runs),
+        "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+    }
 
 
 async def run(smoke: bool, duration: float, rounds: int, connections: int, out: str) -> Result:
@@ -45,13 +49,22 @@ async def run(smoke: bool, duration: float, rounds: int, connections: int, out: 
         for _ in range(rounds):  # alternate 1 and 2 instances
             one.append(parallel_wrk([urls[0], urls[0]], duration, connections))
             two.append(parallel_wrk(urls, duration, connections))
-    res = Result("scaling", "Scaling: 2 instances vs 1 (2 cores), L1 hits, two wrk processes",
-                 ["instances", "req/s (median)", "req/s (best)", "p50 ms", "p99 ms", "errors"])
+    res = Result(
+        "scaling",
+        "Scaling: 2 instances vs 1 (2 cores), L1 hits, two wrk processes",
+        ["instances", "req/s (median)", "req/s (best)", "p50 ms", "p99 ms", "errors"],
+    )
     for label, runs in [("1", one), ("2", two)]:
-        res.row(**{"instances": label, "req/s (median)": statistics.median(r["rps"] for r in runs),
-                   "req/s (best)": max(r["rps"] for r in runs),
-                   "p50 ms": statistics.median(r["p50_ms"] for r in runs),
-                   "p99 ms": statistics.median(r["p99_ms"] for r in runs), "errors": sum(r["errors"] for r in runs)})
+        res.row(
+            **{
+                "instances": label,
+                "req/s (median)": statistics.median(r["rps"] for r in runs),
+                "req/s (best)": max(r["rps"] for r in runs),
+                "p50 ms": statistics.median(r["p50_ms"] for r in runs),
+                "p99 ms": statistics.median(r["p99_ms"] for r in runs),
+                "errors": sum(r["errors"] for r in runs),
+            }
+        )
     r1, r2 = res.rows[0]["req/s (median)"], res.rows[1]["req/s (median)"]
     res.check("throughput, 2 instances vs 1", r2, r1, ratio(r2, r1), "≥ 1.7×", ratio(r2, r1) >= 1.7, "req/s")
     res.meta.update(duration_s=duration, rounds=rounds, connections_per_wrk=connections, cpus=2)

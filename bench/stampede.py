@@ -60,9 +60,11 @@ async def run(smoke: bool, requests: int, instances: int, out: str) -> Result:
     account = Keypair.random().public_key
     horizon.fund(account, credit("USDC", Keypair.random().public_key, "125.5000000"))
     horizon.latency = 0.05
-    res = Result("stampede", f"Stampede: {requests} concurrent requests for one cold key over {instances} instances",
-                 ["key", "requests", "origin loads", "no-coalescing baseline", "X-Cache", "p50 ms", "p99 ms",
-                  "max ms"])
+    res = Result(
+        "stampede",
+        f"Stampede: {requests} concurrent requests for one cold key over {instances} instances",
+        ["key", "requests", "origin loads", "no-coalescing baseline", "X-Cache", "p50 ms", "p99 ms", "max ms"],
+    )
     try:
         async with Cluster(instances, name="stampede", dsn=dsn, horizon_url=horizon.url) as cluster:
             conn = aiohttp.TCPConnector(limit=0)
@@ -71,22 +73,43 @@ async def run(smoke: bool, requests: int, instances: int, out: str) -> Result:
                 # kernel's 1 s SYN retransmit would be measured instead of the cache)
                 await storm(s, cluster.urls, "/health/live", requests)
                 for label, path, count in [
-                    ("rate v1:rate:B00001:USD (Postgres)", "/v1/rates/B00001/USD",
-                     lambda: cluster.total(s, "exchange_rate", "origin_loads")),
-                    ("balance (Horizon stand-in, 50 ms)", f"/v1/wallets/{account}/balances",
-                     lambda: _horizon_calls(horizon, account)),
+                    (
+                        "rate v1:rate:B00001:USD (Postgres)",
+                        "/v1/rates/B00001/USD",
+                        lambda: cluster.total(s, "exchange_rate", "origin_loads"),
+                    ),
+                    (
+                        "balance (Horizon stand-in, 50 ms)",
+                        f"/v1/wallets/{account}/balances",
+                        lambda: _horizon_calls(horizon, account),
+                    ),
                 ]:
                     before = await count()
                     lat, sources = await storm(s, cluster.urls, path, requests)
                     loads = await count() - before
                     st = summary(lat)
-                    res.row(**{"key": label, "requests": requests, "origin loads": loads,
-                               "no-coalescing baseline": requests,
-                               "X-Cache": " ".join(f"{k}={v}" for k, v in sorted(sources.items())),
-                               "p50 ms": st["p50"], "p99 ms": st["p99"], "max ms": st["max"]})
+                    res.row(
+                        **{
+                            "key": label,
+                            "requests": requests,
+                            "origin loads": loads,
+                            "no-coalescing baseline": requests,
+                            "X-Cache": " ".join(f"{k}={v}" for k, v in sorted(sources.items())),
+                            "p50 ms": st["p50"],
+                            "p99 ms": st["p99"],
+                            "max ms": st["max"],
+                        }
+                    )
                     res.sample(label, lat)
-                    res.check(f"origin loads, {label.split(' ')[0]}", loads, requests, loads / requests,
-                              "exactly 1", loads == 1, "loads")
+                    res.check(
+                        f"origin loads, {label.split(' ')[0]}",
+                        loads,
+                        requests,
+                        loads / requests,
+                        "exactly 1",
+                        loads == 1,
+                        "loads",
+                    )
     finally:
         await horizon.close()
     res.meta.update(instances=instances, requests=requests)

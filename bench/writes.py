@@ -64,13 +64,26 @@ async def run(smoke: bool, writes: int, out: str) -> Result:
                     ours.append((time.perf_counter() - t0) * 1000)
             sent = sum(st["types"]["exchange_rate"]["invalidations_sent"] for st in await cluster.stats(s))
         await conn.close()
-    res = Result("writes", "Writes: PUT /v1/rates end to end vs one bare Postgres upsert",
-                 ["operation", "n", "p50 ms", "p99 ms", "max ms", "mean ms"])
+    res = Result(
+        "writes",
+        "Writes: PUT /v1/rates end to end vs one bare Postgres upsert",
+        ["operation", "n", "p50 ms", "p99 ms", "max ms", "mean ms"],
+    )
     so, sb = summary(ours), summary(bare)
-    for label, st, vals in [("bare asyncpg upsert (same SQL)", sb, bare),
-                            ("PUT /v1/rates (commit + Redis delete + publish)", so, ours)]:
-        res.row(**{"operation": label, "n": st["n"], "p50 ms": st["p50"], "p99 ms": st["p99"], "max ms": st["max"],
-                   "mean ms": st["mean"]})
+    for label, st, vals in [
+        ("bare asyncpg upsert (same SQL)", sb, bare),
+        ("PUT /v1/rates (commit + Redis delete + publish)", so, ours),
+    ]:
+        res.row(
+            **{
+                "operation": label,
+                "n": st["n"],
+                "p50 ms": st["p50"],
+                "p99 ms": st["p99"],
+                "max ms": st["max"],
+                "mean ms": st["mean"],
+            }
+        )
         res.sample(label, vals)
     res.check("PUT p99", so["p99"], sb["p99"], so["p99"] / sb["p99"], "≤ 5 ms", so["p99"] <= 5.0, "ms")
     res.check("PUT p50", so["p50"], sb["p50"], so["p50"] / sb["p50"], "(reported)", True, "ms")

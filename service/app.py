@@ -111,9 +111,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         idle_timeout=s.idle_timeout,
     )
     client = aioredis.Redis(connection_pool=pool)
-    breaker = Breaker(
-        failure_threshold=s.breaker_failures, reset_after=s.breaker_reset, reset_max=s.breaker_reset_max
-    )
+    breaker = Breaker(failure_threshold=s.breaker_failures, reset_after=s.breaker_reset, reset_max=s.breaker_reset_max)
     breaker.subscribe(lambda old, new: log.warning("redis circuit breaker: %s -> %s", old, new))
     cache = RedisCache(client, pool, breaker=breaker, op_timeout=s.op_timeout)
     app[K.REDIS] = K.RedisHandles(url, cache, pool, breaker)

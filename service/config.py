@@ -385,7 +385,7 @@ def _assets(raw: Any) -> tuple[PlatformAsset, ...]:
         if not isinstance(code, str) or not _ASSET_CODE.fullmatch(code):
             raise ConfigError(f"{label}.code: expected 1-12 ASCII letters or digits, got {code!r}")
         if not isinstance(issuer, str) or (issuer and not StrKey.is_valid_ed25519_public_key(issuer)):
-            raise ConfigError(f"{label}.issuer: expected a Stellar G... public key or \"\" (unknown), got {issuer!r}")
+            raise ConfigError(f'{label}.issuer: expected a Stellar G... public key or "" (unknown), got {issuer!r}')
         asset = PlatformAsset(code, issuer)
         if asset in out:
             raise ConfigError(f"{label}: duplicate of an earlier asset {code}:{issuer or '(no issuer)'}")

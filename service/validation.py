@@ -69,11 +69,13 @@ def positive_decimal(value: Any, field: str) -> Decimal:
 
 def non_negative_decimal(value: Any, field: str) -> Decimal:
     if not isinstance(value, str):
-        raise bad_request(f"{field}: expected a decimal string such as \"0.00066\", not a JSON {_kind(value)}",
-                          "invalid-body")
+        raise bad_request(
+            f'{field}: expected a decimal string such as "0.00066", not a JSON {_kind(value)}', "invalid-body"
+        )
     if not _DECIMAL.fullmatch(value):
-        raise bad_request(f"{field}: expected a decimal string with at most 18 fractional digits, got {value!r}",
-                          "invalid-body")
+        raise bad_request(
+            f"{field}: expected a decimal string with at most 18 fractional digits, got {value!r}", "invalid-body"
+        )
     try:
         return Decimal(value)
     except InvalidOperation:  # unreachable after the regex, kept as a guard
@@ -96,8 +98,9 @@ async def json_object(request: web.Request, allowed: set[str], required: set[str
         raise bad_request(f"body: expected a JSON object, got a JSON {_kind(body)}", "invalid-body")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise bad_request(f"body: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}",
-                          "invalid-body")
+        raise bad_request(
+            f"body: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}", "invalid-body"
+        )
     missing = sorted(required - set(body))
     if missing:
         raise bad_request(f"body: missing field(s) {', '.join(missing)}", "invalid-body")
@@ -143,8 +146,9 @@ def asset_code(value: Any, field: str = "asset_code") -> str:
     """1-12 ASCII letters or digits, case-sensitive (kept as given)."""
     if not isinstance(value, str) or not _ASSET_CODE.fullmatch(value):
         shown = repr(value) if isinstance(value, str) else f"a JSON {_kind(value)}"
-        raise bad_request(f"{field}: expected 1-12 ASCII letters or digits (case-sensitive), got {shown[:80]}",
-                          "invalid-asset")
+        raise bad_request(
+            f"{field}: expected 1-12 ASCII letters or digits (case-sensitive), got {shown[:80]}", "invalid-asset"
+        )
     return value
 
 
@@ -152,8 +156,9 @@ def asset_issuer(value: Any, field: str = "asset_issuer") -> str:
     """An issuer is a ``G...`` key (never muxed)."""
     if not isinstance(value, str) or not StrKey.is_valid_ed25519_public_key(value):
         shown = repr(value) if isinstance(value, str) else f"a JSON {_kind(value)}"
-        raise bad_request(f"{field}: expected a Stellar G... public key with a valid checksum, got {shown[:80]}",
-                          "invalid-asset")
+        raise bad_request(
+            f"{field}: expected a Stellar G... public key with a valid checksum, got {shown[:80]}", "invalid-asset"
+        )
     return value
 
 

@@ -69,8 +69,9 @@ def native(balance: str) -> dict[str, Any]:
 
 def problem(status: int, slug: str, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
     body = {"type": HORIZON_ERRORS + slug, "title": title, "status": status, "detail": detail}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/problem+json",
-                        headers=headers)
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/problem+json", headers=headers
+    )
 
 
 class HorizonStandin:
@@ -156,18 +157,25 @@ class HorizonStandin:
                 "rate_limit_exceeded",
                 "Rate Limit Exceeded",
                 "The rate limit for the requesting IP address is over its alloted limit.",
-                headers={"Retry-After": self.retry_after, "X-Ratelimit-Limit": "3600",
-                         "X-Ratelimit-Remaining": "0", "X-Ratelimit-Reset": self.retry_after},
+                headers={
+                    "Retry-After": self.retry_after,
+                    "X-Ratelimit-Limit": "3600",
+                    "X-Ratelimit-Remaining": "0",
+                    "X-Ratelimit-Reset": self.retry_after,
+                },
             )
         if self.mode == "fail":
-            return problem(self.fail_status, "server_error", "Internal Server Error",
-                           "An error occurred while processing this request.")
+            return problem(
+                self.fail_status,
+                "server_error",
+                "Internal Server Error",
+                "An error occurred while processing this request.",
+            )
         if not StrKey.is_valid_ed25519_public_key(account):
             return problem(400, "bad_request", "Bad Request", "The request you sent was invalid in some way.")
         balances = self.accounts.get(account)
         if balances is None:
-            return problem(404, "not_found", "Resource Missing",
-                           "The resource at the url requested was not found.")
+            return problem(404, "not_found", "Resource Missing", "The resource at the url requested was not found.")
         return web.Response(body=orjson.dumps(self._document(account, balances)), content_type="application/hal+json")
 
     def _document(self, account: str, balances: list[dict[str, Any]]) -> dict[str, Any]:
@@ -189,8 +197,12 @@ class HorizonStandin:
             "subentry_count": sum(1 for b in balances if b["asset_type"] != "native"),
             "last_modified_ledger": 1_234_569,
             "thresholds": {"low_threshold": 0, "med_threshold": 0, "high_threshold": 0},
-            "flags": {"auth_required": False, "auth_revocable": False, "auth_immutable": False,
-                      "auth_clawback_enabled": False},
+            "flags": {
+                "auth_required": False,
+                "auth_revocable": False,
+                "auth_immutable": False,
+                "auth_clawback_enabled": False,
+            },
             "balances": balances,
             "signers": [{"weight": 1, "key": account, "type": "ed25519_public_key"}],
             "data": {},

@@ -55,8 +55,12 @@ def test_http_hot(tmp_path: Path) -> None:
 def test_l1_hit(tmp_path: Path) -> None:
     _, doc = smoke("l1_hit", tmp_path)
     names = {r["contender"] for r in doc["rows"]}
-    assert {"raw TTLCache[key]", "await actor.get(key)", "cashews Memory backend .get",
-            "aiocache SimpleMemoryCache.get"} <= names
+    assert {
+        "raw TTLCache[key]",
+        "await actor.get(key)",
+        "cashews Memory backend .get",
+        "aiocache SimpleMemoryCache.get",
+    } <= names
 
 
 @servers
@@ -108,8 +112,13 @@ def test_scaling(tmp_path: Path) -> None:
 
 def test_memory_is_bounded(tmp_path: Path) -> None:
     _, doc = smoke("memory", tmp_path)
-    assert {r["data type"] for r in doc["rows"]} == {"exchange_rate", "conversion", "fee_structure",
-                                                      "wallet_balance", "trustline"}
+    assert {r["data type"] for r in doc["rows"]} == {
+        "exchange_rate",
+        "conversion",
+        "fee_structure",
+        "wallet_balance",
+        "trustline",
+    }
     assert all(r["entries"] == doc["meta"]["max_entries"] and r["bounded"] for r in doc["rows"])
 
 

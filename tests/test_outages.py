@@ -82,9 +82,7 @@ def test_breaker_transitions():
     ]
 
 
-async def test_requests_while_redis_is_silent_do_not_wait_for_socket_timeouts(
-    make_client, settings_factory, redis_url
-):
+async def test_requests_while_redis_is_silent_do_not_wait_for_socket_timeouts(make_client, settings_factory, redis_url):
     proxy = await proxy_for(redis_url)
     try:
         client = await make_client(settings_factory(env={"REDIS_URL": via(redis_url, proxy)}))

@@ -56,12 +56,30 @@ async def test_balances_shape_native_first_pools_omitted(wallet_client, horizon,
     assert await r.json() == {
         "account_id": g,
         "balances": [
-            {"asset_type": "native", "asset_code": "XLM", "asset_issuer": None, "balance": "9.8765432",
-             "limit": None, "is_authorized": None},
-            {"asset_type": "credit_alphanum4", "asset_code": "USDC", "asset_issuer": USDC_ISSUER,
-             "balance": "125.5000000", "limit": MAX_LIMIT, "is_authorized": True},
-            {"asset_type": "credit_alphanum12", "asset_code": "cNGNLONGCODE", "asset_issuer": CNGN_ISSUER,
-             "balance": "0.0000000", "limit": "1000.0000000", "is_authorized": False},
+            {
+                "asset_type": "native",
+                "asset_code": "XLM",
+                "asset_issuer": None,
+                "balance": "9.8765432",
+                "limit": None,
+                "is_authorized": None,
+            },
+            {
+                "asset_type": "credit_alphanum4",
+                "asset_code": "USDC",
+                "asset_issuer": USDC_ISSUER,
+                "balance": "125.5000000",
+                "limit": MAX_LIMIT,
+                "is_authorized": True,
+            },
+            {
+                "asset_type": "credit_alphanum12",
+                "asset_code": "cNGNLONGCODE",
+                "asset_issuer": CNGN_ISSUER,
+                "balance": "0.0000000",
+                "limit": "1000.0000000",
+                "is_authorized": False,
+            },
         ],
     }
     r = await client.get(f"/v1/wallets/{g}/balances")
@@ -99,14 +117,26 @@ async def test_trustline_true_false_zero_balance_and_pools(wallet_client, horizo
     )
     client = await wallet_client()
     assert await trustline(client, g, "USDC", USDC_ISSUER) == {
-        "account_id": g, "asset_code": "USDC", "asset_issuer": USDC_ISSUER, "exists": True, "authorized": True,
+        "account_id": g,
+        "asset_code": "USDC",
+        "asset_issuer": USDC_ISSUER,
+        "exists": True,
+        "authorized": True,
     }
     assert await trustline(client, g, "cNGN", CNGN_ISSUER) == {
-        "account_id": g, "asset_code": "cNGN", "asset_issuer": CNGN_ISSUER, "exists": True, "authorized": False,
+        "account_id": g,
+        "asset_code": "cNGN",
+        "asset_issuer": CNGN_ISSUER,
+        "exists": True,
+        "authorized": False,
     }
     missing = await trustline(client, g, "EURC", USDC_ISSUER)
     assert missing == {
-        "account_id": g, "asset_code": "EURC", "asset_issuer": USDC_ISSUER, "exists": False, "authorized": None,
+        "account_id": g,
+        "asset_code": "EURC",
+        "asset_issuer": USDC_ISSUER,
+        "exists": False,
+        "authorized": None,
     }
     # codes are case-sensitive, and the issuer must match too
     assert (await trustline(client, g, "usdc", USDC_ISSUER))["exists"] is False
@@ -192,8 +222,9 @@ async def test_bad_input_is_400_before_any_horizon_call(wallet_client, horizon, 
     assert horizon.total == 0
 
 
-@pytest.mark.parametrize("path", ["/v1/wallets/../balances", "/v1/wallets/%2E%2E/balances",
-                                  "/v1/wallets/G/../../accounts/balances"])
+@pytest.mark.parametrize(
+    "path", ["/v1/wallets/../balances", "/v1/wallets/%2E%2E/balances", "/v1/wallets/G/../../accounts/balances"]
+)
 async def test_dot_segments_never_reach_horizon(wallet_client, horizon, path):
     """Dot segments are resolved before routing (RFC 3986), so these name no wallet resource at all."""
     client = await wallet_client()
@@ -463,7 +494,11 @@ async def test_trustline_created_answers_true_everywhere_without_horizon(wallet_
     r = await a.get(f"/v1/wallets/{g}/trustlines/cNGN/{CNGN_ISSUER}")
     assert r.headers["X-Cache"] == "L1"
     assert await r.json() == {
-        "account_id": g, "asset_code": "cNGN", "asset_issuer": CNGN_ISSUER, "exists": True, "authorized": True,
+        "account_id": g,
+        "asset_code": "cNGN",
+        "asset_issuer": CNGN_ISSUER,
+        "exists": True,
+        "authorized": True,
     }
 
     async def b_sees_true() -> bool:
@@ -481,16 +516,24 @@ async def test_trustline_created_answers_true_everywhere_without_horizon(wallet_
     )
     assert r.status == 200
     assert await trustline(a, g, "EURC", USDC_ISSUER) == {
-        "account_id": g, "asset_code": "EURC", "asset_issuer": USDC_ISSUER, "exists": True, "authorized": None,
+        "account_id": g,
+        "asset_code": "EURC",
+        "asset_issuer": USDC_ISSUER,
+        "exists": True,
+        "authorized": None,
     }
     assert horizon.calls[g] == 1
 
 
 EVENTS = [
-    ("/v1/events/transaction-completed", lambda: {"transaction_id": "t1", "sender": new_account(),
-                                                  "receiver": new_account()}),
-    ("/v1/events/trustline-created", lambda: {"account_id": new_account(), "asset_code": "USDC",
-                                              "asset_issuer": USDC_ISSUER}),
+    (
+        "/v1/events/transaction-completed",
+        lambda: {"transaction_id": "t1", "sender": new_account(), "receiver": new_account()},
+    ),
+    (
+        "/v1/events/trustline-created",
+        lambda: {"account_id": new_account(), "asset_code": "USDC", "asset_issuer": USDC_ISSUER},
+    ),
     ("/v1/events/balance-updated", lambda: {"account_id": new_account()}),
 ]
 
@@ -518,16 +561,23 @@ async def test_events_need_the_admin_token(wallet_client, path, body):
         ("/v1/events/balance-updated", {}),
         ("/v1/events/balance-updated", {"account_id": USDC_ISSUER, "extra": 1}),
         ("/v1/events/transaction-completed", {"transaction_id": "t", "sender": USDC_ISSUER}),
-        ("/v1/events/transaction-completed", {"transaction_id": "", "sender": USDC_ISSUER,
-                                              "receiver": USDC_ISSUER}),
-        ("/v1/events/transaction-completed", {"transaction_id": "t", "sender": USDC_ISSUER,
-                                              "receiver": USDC_ISSUER.lower()}),
-        ("/v1/events/trustline-created", {"account_id": USDC_ISSUER, "asset_code": "TOOLONGCODE13",
-                                          "asset_issuer": CNGN_ISSUER}),
-        ("/v1/events/trustline-created", {"account_id": USDC_ISSUER, "asset_code": "USDC",
-                                          "asset_issuer": muxed(CNGN_ISSUER)}),
-        ("/v1/events/trustline-created", {"account_id": USDC_ISSUER, "asset_code": "USDC",
-                                          "asset_issuer": CNGN_ISSUER, "authorized": "yes"}),
+        ("/v1/events/transaction-completed", {"transaction_id": "", "sender": USDC_ISSUER, "receiver": USDC_ISSUER}),
+        (
+            "/v1/events/transaction-completed",
+            {"transaction_id": "t", "sender": USDC_ISSUER, "receiver": USDC_ISSUER.lower()},
+        ),
+        (
+            "/v1/events/trustline-created",
+            {"account_id": USDC_ISSUER, "asset_code": "TOOLONGCODE13", "asset_issuer": CNGN_ISSUER},
+        ),
+        (
+            "/v1/events/trustline-created",
+            {"account_id": USDC_ISSUER, "asset_code": "USDC", "asset_issuer": muxed(CNGN_ISSUER)},
+        ),
+        (
+            "/v1/events/trustline-created",
+            {"account_id": USDC_ISSUER, "asset_code": "USDC", "asset_issuer": CNGN_ISSUER, "authorized": "yes"},
+        ),
     ],
 )
 async def test_event_bodies_validated(wallet_client, horizon, path, body):
