@@ -12,7 +12,7 @@ fi
 stamp=.venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test,fast]'
+  .venv/bin/python -m pip install -q -e '.[test,fast,bench]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
@@ -22,6 +22,6 @@ case "$cmd" in
   serve) exec .venv/bin/aframp-cache serve "$@" ;;
   migrate) exec .venv/bin/aframp-cache migrate "$@" ;;
   test) exec .venv/bin/python -m pytest -q "$@" ;;
-  bench) name=$1; shift; exec .venv/bin/python "bench/$name.py" "$@" ;;
+  bench) name=${1:-run_all}; shift || true; exec .venv/bin/python -m "bench.$name" "$@" ;;
   *) echo "usage: ./dev.sh serve|migrate|test|bench NAME [args]" >&2; exit 2 ;;
 esac
