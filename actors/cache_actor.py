@@ -98,6 +98,16 @@ class Refresh:
 
 
 @dataclass(frozen=True, slots=True)
+class Fill:
+    """A reader found a fresh value in Redis: install it unless an invalidation came in since it looked."""
+
+    key: str
+    entry: Entry
+    seq: int  # the actor's invalidation sequence when the read began
+    epoch: int  # the L1 trust epoch when the read began
+
+
+@dataclass(frozen=True, slots=True)
 class Filled:
     key: str
     token: int
@@ -193,27 +203,52 @@ class CacheActor(Actor):
         self._voided: dict[tuple[str, int], _Flight] = {}  # loads an invalidation overtook
         self._tokens = 0
         self._refreshing: set[str] = set()  # keys with a Refresh asked for and not yet done
+        self._seq = 0  # bumped by every invalidation and install: a direct Redis read older than it never fills
 
     # ------------------------------------------------------------ hot path
     async def get(self, key: CacheKey) -> Lookup:
-        rendered = key.render()
+        rendered = key.rendered
         entry = self.l1.get(rendered)
-        if entry is not None:
-            self.stats.inc(key.namespace.data_type, "l1_hits")
+        if entry is not None:  # the hot path: a dictionary read, a counter, the answer built at fill time
+            self.stats.rows[key.data_type].l1_hits += 1
             if entry.refresh_at is not None and rendered not in self._refreshing:
                 if time.monotonic() >= entry.refresh_at:
                     self._refreshing.add(rendered)
                     self.tell(Refresh(key))
             if self.tracer is not None:
                 l1_span(self.tracer, key, "hit")
-            return Lookup(entry.body, Source.L1, entry.loaded_at)
+            return entry.hit or Lookup(entry.body, Source.L1, entry.loaded_at)
         if self.tracer is None:
-            return await self.ask(Load(key))
+            return await self._miss(key, rendered)
         l1_span(self.tracer, key, "miss")
         with self.tracer.start_as_current_span("cache.load", attributes=key_attributes(key)) as span:
-            lookup = await self.ask(Load(key))
+            lookup = await self._miss(key, rendered)
             span.set_attributes({"cache.source": lookup.source.value, "cache.negative": lookup.negative})
             return lookup
+
+    async def _miss(self, key: CacheKey, rendered: str) -> Lookup:
+        """An L1 miss. A fresh Redis value is read here, without a mailbox hop, and handed to the actor to
+        install (it does so only if no invalidation and no trust change came in between: ``_seq``/epoch).
+        Anything else is a ``Load`` through the actor (single-flight, lease, origin)."""
+        l2 = self.l2
+        if l2 is not None and self.l2_usable() and rendered not in self._flights:
+            seq, epoch = self._seq, self.l1.epoch
+            dt = key.data_type
+            t0 = time.perf_counter()
+            try:
+                with self._span("cache.l2", key, "l2") as span:
+                    stored = await l2.read(rendered)
+                    fresh = stored is not None and stored.fresh(int(time.time() * 1000))
+                    span.set_attribute(A_OUTCOME, "hit" if fresh else "miss" if stored is None else "stale")
+            except CacheUnavailable:
+                stored, fresh = None, False
+            self.stats.observe(dt, "l2", time.perf_counter() - t0)
+            if fresh:
+                assert stored is not None
+                lookup, entry = self._l2_hit(key, stored, group_of(key))
+                self.tell(Fill(rendered, entry, seq, epoch))
+                return lookup
+        return await self.ask(Load(key))
 
     async def warm(self, keys_: list[CacheKey], concurrency: int = 8) -> int:
         """Read ``keys_`` through the normal path (so warming is coherent and single-flight); returns how many
@@ -249,6 +284,10 @@ class CacheActor(Actor):
                 return self._on_refresh(key)
             case Filled():
                 return self._on_filled(msg)
+            case Fill(key, entry, seq, epoch):
+                if seq == self._seq and epoch == self.l1.epoch and key not in self._flights:
+                    self.l1.put(key, entry)
+                return None
             case Failed():
                 return self._on_failed(msg)
             case Invalidate(keys, patterns):
@@ -326,6 +365,7 @@ class CacheActor(Actor):
         return self._voided.pop((key, token), None), False
 
     def _on_invalidate(self, keys: Iterable[str], patterns: Iterable[str]) -> int:
+        self._seq += 1
         dropped = self.l1.drop(keys)
         for k in keys:
             self._void(k)
@@ -347,6 +387,7 @@ class CacheActor(Actor):
             self._voided[(key, flight.token)] = flight
 
     def _install(self, key: CacheKey, body: bytes) -> bool:
+        self._seq += 1
         rendered = key.render()
         self._void(rendered)
         negative = body == codec.NEGATIVE
@@ -436,13 +477,10 @@ class CacheActor(Actor):
         dt = key.namespace.data_type
         t0 = time.perf_counter()
         with self._span("cache.l2", key, "l2") as span:
-            stored = await l2.read(rendered)
-            fresh = stored is not None and stored.fresh(int(time.time() * 1000))
-            span.set_attribute(A_OUTCOME, "hit" if fresh else "miss" if stored is None else "stale")
+            acq = await l2.acquire(rendered, token, lease_ms, group)  # a fresh value, or the lease
+            span.set_attribute(A_OUTCOME, "hit" if acq.status == ACQUIRED_FRESH else "miss")
         self.stats.observe(dt, "l2", time.perf_counter() - t0)
-        if stored is not None and fresh:
-            return self._l2_hit(key, stored, group)
-        acq = await l2.acquire(rendered, token, lease_ms, group)
+        stored = acq.stored
         if acq.status not in (ACQUIRED_FRESH, ACQUIRED_LEASE):
             # another instance holds the lease: wait (bounded) for its fill
             for delay in fleet_wait_delays(self.policy.lease_wait):
@@ -469,7 +507,9 @@ class CacheActor(Actor):
             lead = remaining - self.policy.refresh_ahead * ttl
             if lead > 0:
                 refresh_at = time.monotonic() + lead
-        return Entry(body, loaded_at, lifetime, group, fresh_until, refresh_at, short)
+        return Entry(
+            body, loaded_at, lifetime, group, fresh_until, refresh_at, short, Lookup(body, Source.L1, loaded_at)
+        )
 
     def _l2_hit(self, key: CacheKey, stored: codec.Stored, group: str | None) -> tuple[Lookup, Entry]:
         dt = key.namespace.data_type

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from tiers.keys import DataType
@@ -25,20 +25,28 @@ COUNTERS = (
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-@dataclass
 class Histogram:
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # last: +Inf
-    count: int = 0
-    total: float = 0.0
+    """A lock-free latency histogram (one event loop writes it); exported with cumulative buckets."""
+
+    __slots__ = ("bounds", "buckets", "count", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # last: +Inf
+        self.count = 0
+        self.total = 0.0
 
     def observe(self, seconds: float) -> None:
         self.count += 1
         self.total += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-                return
-        self.buckets[-1] += 1
+        self.buckets[bisect_left(self.bounds, seconds)] += 1  # first bound >= seconds; past the last: +Inf
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.buckets, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
 
     def quantile(self, q: float) -> float | None:
         """Upper bound of the bucket holding the q-quantile (None when empty)."""
@@ -48,13 +56,23 @@ class Histogram:
         for i, n in enumerate(self.buckets):
             seen += n
             if seen >= rank:
-                return LATENCY_BUCKETS[i] if i < len(LATENCY_BUCKETS) else float("inf")
+                return self.bounds[i] if i < len(self.bounds) else float("inf")
         return float("inf")
+
+
+class Row:
+    """One data type's counters: plain integer attributes, so the hot path's ``row.l1_hits += 1`` is cheap."""
+
+    __slots__ = COUNTERS
+
+    def __init__(self) -> None:
+        for name in COUNTERS:
+            setattr(self, name, 0)
 
 
 @dataclass
 class Stats:
-    counts: Counter[tuple[DataType, str]] = field(default_factory=Counter)
+    rows: dict[DataType, Row] = field(default_factory=lambda: {dt: Row() for dt in DataType})
     # (data type, tier) -> latency of lookups answered by that tier ("l1", "l2", "origin", "stale")
     latency: dict[tuple[DataType, str], Histogram] = field(default_factory=dict)
 
@@ -65,15 +83,16 @@ class Stats:
         h.observe(seconds)
 
     def inc(self, dt: DataType, name: str, n: int = 1) -> None:
-        self.counts[(dt, name)] += n
+        row = self.rows[dt]
+        setattr(row, name, getattr(row, name) + n)
 
     def get(self, dt: DataType, name: str) -> int:
-        return self.counts[(dt, name)]
+        return getattr(self.rows[dt], name)
 
     def by_type(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for dt in DataType:
-            row = {name: self.counts[(dt, name)] for name in COUNTERS}
+            row = {name: getattr(self.rows[dt], name) for name in COUNTERS}
             if any(row.values()) or dt in (
                 DataType.EXCHANGE_RATE,
                 DataType.FEE_STRUCTURE,

@@ -27,8 +27,7 @@ from service import appkeys as K
 from service import logs, telemetry
 from service.config import Settings, redact_url
 from service.embedded import EmbeddedPostgres, EmbeddedRedis
-from service.metrics import Metrics, observe_middleware
-from service.problems import problem_middleware
+from service.metrics import Metrics
 from service.routes import setup_routes
 from tiers import horizon, postgres
 from tiers.breaker import Breaker
@@ -46,7 +45,7 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[observe_middleware, problem_middleware], client_max_size=64 * 1024)
+    app = web.Application(client_max_size=64 * 1024)  # no middleware: each route is wrapped (metrics.observed)
     app[K.SETTINGS] = settings
     app[K.LIFECYCLE] = K.Lifecycle()
     app[K.METRICS] = Metrics(app)

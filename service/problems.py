@@ -58,10 +58,18 @@ def from_origin_error(err: OriginError) -> web.Response:
 _HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large", 415: "unsupported-media-type"}
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def guarded(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Run a handler; turn every failure into an RFC 9457 problem."""
     try:
         return await handler(request)
+    except Exception as exc:
+        return answer_failure(request, exc)
+
+
+def answer_failure(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The problem document for a failure (re-raises what is not one: a redirect). Never a bare 500 page."""
+    try:
+        raise exc
     except Problem as p:
         return from_problem(p)
     except OriginError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from actors.rates import DeleteRate, PutRate
 from actors.wallets import BalanceUpdated, EventResult, TransactionCompleted, TrustlineCreated
 from service import appkeys as K
 from service import validation as v
-from service.metrics import metrics_handler, snapshot
+from service.metrics import metrics_handler, observed, snapshot
 from service.problems import Problem, bad_request, not_found
 from tiers import keys
 from tiers.keys import InvalidKey
@@ -24,13 +25,16 @@ from tiers.keys import InvalidKey
 JSON = "application/json"
 
 
-def cached(lookup: Lookup, what: str) -> web.Response:
+def cached(lookup: Lookup, what: Callable[[], str]) -> web.Response:
+    """The answer of a cached read; ``what`` describes a missing thing (built only when it is missing)."""
     if lookup.negative:
-        raise not_found(what)
-    headers = {"X-Cache": lookup.source.value}
+        raise not_found(what())
     if lookup.source is Source.STALE:
-        headers["Age"] = str(lookup.age())
-    return web.Response(body=lookup.body, content_type=JSON, headers=headers)
+        return web.Response(body=lookup.body, content_type=JSON, headers={"X-Cache": "STALE", "Age": str(lookup.age())})
+    return web.Response(body=lookup.body, content_type=JSON, headers=_X_CACHE[lookup.source])
+
+
+_X_CACHE = {src: {"X-Cache": src.value} for src in Source}
 
 
 def require_admin(request: web.Request) -> None:
@@ -62,7 +66,7 @@ async def get_rate(request: web.Request) -> web.Response:
     base = v.currency(request.match_info["base"], "base")
     quote = v.currency(request.match_info["quote"], "quote")
     lookup = await request.app[K.RATES].get(keys.rate(base, quote))
-    return cached(lookup, f"no exchange rate for {base}/{quote}")
+    return cached(lookup, lambda: f"no exchange rate for {base}/{quote}")
 
 
 async def convert(request: web.Request) -> web.Response:
@@ -115,7 +119,7 @@ async def delete_rate(request: web.Request) -> web.Response:
 async def get_fee(request: web.Request) -> web.Response:
     fee_type = v.fee_type(request.match_info["fee_type"])
     lookup = await request.app[K.FEES].get(keys.fee_structure(fee_type))
-    return cached(lookup, f"no fee structure {fee_type!r}")
+    return cached(lookup, lambda: f"no fee structure {fee_type!r}")
 
 
 async def put_fee(request: web.Request) -> web.Response:
@@ -143,7 +147,7 @@ async def put_fee(request: web.Request) -> web.Response:
 async def get_balances(request: web.Request) -> web.Response:
     account = v.account_id(request.match_info["account_id"])
     lookup = await request.app[K.BALANCES].get(keys.balance(account))
-    return cached(lookup, f"account {account} is not on the ledger (unfunded or merged)")
+    return cached(lookup, lambda: f"account {account} is not on the ledger (unfunded or merged)")
 
 
 async def get_trustline(request: web.Request) -> web.Response:
@@ -151,7 +155,7 @@ async def get_trustline(request: web.Request) -> web.Response:
     code = v.asset_code(request.match_info["asset_code"])
     issuer = v.asset_issuer(request.match_info["asset_issuer"])
     lookup = await request.app[K.TRUSTLINES].get(keys.trustline(account, code, issuer))
-    return cached(lookup, f"account {account} is not on the ledger (unfunded or merged)")
+    return cached(lookup, lambda: f"account {account} is not on the ledger (unfunded or merged)")
 
 
 # ---------------------------------------------------------------- events
@@ -258,22 +262,50 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=code, body=orjson.dumps(body), content_type=JSON)
 
 
+ROUTES = (
+    ("GET", "/v1/rates/convert", convert),
+    ("GET", "/v1/rates/{base}/{quote}", get_rate),
+    ("PUT", "/v1/rates/{base}/{quote}", put_rate),
+    ("DELETE", "/v1/rates/{base}/{quote}", delete_rate),
+    ("GET", "/v1/fees/{fee_type}", get_fee),
+    ("PUT", "/v1/fees/{fee_type}", put_fee),
+    ("GET", "/v1/wallets/{account_id}/balances", get_balances),
+    ("GET", "/v1/wallets/{account_id}/trustlines/{asset_code}/{asset_issuer}", get_trustline),
+    ("POST", "/v1/events/transaction-completed", transaction_completed),
+    ("POST", "/v1/events/trustline-created", trustline_created),
+    ("POST", "/v1/events/balance-updated", balance_updated),
+    ("DELETE", "/v1/cache", delete_cache),
+    ("GET", "/v1/cache/stats", cache_stats),
+    ("GET", "/health/live", live),
+    ("GET", "/health/ready", ready),
+    ("GET", "/metrics", metrics_handler),
+    ("GET", "/dashboard", dashboard),
+)
+
+
+async def no_route(request: web.Request) -> web.Response:
+    """The catch-all route: 405 (with Allow) when the path exists for other methods, else 404; as problems."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is request.match_info.route.resource:
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= methods
+    if allowed:
+        raise Problem(
+            405,
+            "method-not-allowed",
+            "Method Not Allowed",
+            f"{request.method} is not allowed on {request.path}; allowed: {', '.join(sorted(allowed))}",
+            headers={"Allow": ",".join(sorted(allowed))},
+        )
+    raise Problem(404, "not-found", "Not Found", f"no resource at {request.path}; see the API in the README")
+
+
 def setup_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/v1/rates/convert", convert)
-    r.add_get("/v1/rates/{base}/{quote}", get_rate)
-    r.add_put("/v1/rates/{base}/{quote}", put_rate)
-    r.add_delete("/v1/rates/{base}/{quote}", delete_rate)
-    r.add_get("/v1/fees/{fee_type}", get_fee)
-    r.add_put("/v1/fees/{fee_type}", put_fee)
-    r.add_get("/v1/wallets/{account_id}/balances", get_balances)
-    r.add_get("/v1/wallets/{account_id}/trustlines/{asset_code}/{asset_issuer}", get_trustline)
-    r.add_post("/v1/events/transaction-completed", transaction_completed)
-    r.add_post("/v1/events/trustline-created", trustline_created)
-    r.add_post("/v1/events/balance-updated", balance_updated)
-    r.add_delete("/v1/cache", delete_cache)
-    r.add_get("/v1/cache/stats", cache_stats)
-    r.add_get("/health/live", live)
-    r.add_get("/health/ready", ready)
-    r.add_get("/metrics", metrics_handler)
-    r.add_get("/dashboard", dashboard)
+    for method, path, handler in ROUTES:
+        if method == "GET":
+            app.router.add_get(path, observed(handler, path))  # and HEAD
+        else:
+            app.router.add_route(method, path, observed(handler, path))
+    app.router.add_route("*", "/{tail:.*}", observed(no_route, "unmatched"))  # last: problems, not text

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 VERSION = "v1"
 
@@ -69,19 +70,20 @@ def segment(value: str) -> str:
 class CacheKey:
     namespace: Namespace
     parts: tuple[str, ...]
+    # derived once (keys are values: reused on every hit without re-rendering)
+    rendered: str = field(init=False, repr=False, compare=False, hash=False)
+    data_type: DataType = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.parts:
             raise InvalidKey("a key needs at least one identifier segment")
         for p in self.parts:
             segment(p)
-
-    @property
-    def data_type(self) -> DataType:
-        return self.namespace.data_type
+        object.__setattr__(self, "rendered", render(self.namespace, self.parts))
+        object.__setattr__(self, "data_type", self.namespace.data_type)
 
     def render(self) -> str:
-        return render(self.namespace, self.parts)
+        return self.rendered
 
     def __str__(self) -> str:
         return self.render()
@@ -95,10 +97,12 @@ def render(namespace: Namespace, parts: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------- builders (one per data type)
 
 
+@lru_cache(maxsize=8192)
 def rate(base: str, quote: str) -> CacheKey:
     return CacheKey(Namespace.RATE, (base, quote))
 
 
+@lru_cache(maxsize=8192)
 def conversion(amount: str, from_: str, to: str) -> CacheKey:
     """``amount`` must already be canonical (see service.validation.canonical_amount)."""
     return CacheKey(Namespace.CONVERSION, (amount, from_, to))
@@ -111,10 +115,12 @@ def conversions_of(base: str, quote: str) -> str:
     return ":".join((VERSION, Namespace.CONVERSION.prefix, "*", base, quote))
 
 
+@lru_cache(maxsize=8192)
 def balance(account_id: str) -> CacheKey:
     return CacheKey(Namespace.BALANCE, (account_id,))
 
 
+@lru_cache(maxsize=8192)
 def trustline(account_id: str, asset_code: str, asset_issuer: str) -> CacheKey:
     return CacheKey(Namespace.TRUSTLINE, (account_id, asset_code, asset_issuer))
 
@@ -124,6 +130,7 @@ def trustlines_of(account_id: str) -> str:
     return ":".join((VERSION, Namespace.TRUSTLINE.prefix, account_id, "*"))
 
 
+@lru_cache(maxsize=8192)
 def fee_structure(fee_type: str) -> CacheKey:
     return CacheKey(Namespace.FEE, (fee_type,))
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 from cachetools import LRUCache, TLRUCache
 
@@ -26,6 +27,7 @@ class Entry:
     fresh_until: float = 0.0  # wall-clock logical expiry (for max-stale)
     refresh_at: float | None = None  # monotonic time from which a hit triggers a background refresh
     short: bool = False  # an absence (404, exists=false): never kept as a last-known value
+    hit: Any = field(default=None, compare=False)  # the answer to return on a hit, built once by the owner
 
     @property
     def negative(self) -> bool:
@@ -70,7 +72,9 @@ class L1:
         if not self.serving or entry.ttl <= 0:
             return False
         if entry.ttl > self.cap:
-            entry = Entry(entry.body, entry.loaded_at, self.cap, entry.group, entry.fresh_until, None, entry.short)
+            entry = Entry(
+                entry.body, entry.loaded_at, self.cap, entry.group, entry.fresh_until, None, entry.short, entry.hit
+            )
         self._cache[key] = entry
         if not entry.short and not entry.negative:
             self._last[key] = entry
