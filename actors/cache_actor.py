@@ -74,7 +74,7 @@ class Policy:
     max_stale: Mapping[DataType, float]
     lease_ttl: float = 5.0  # a fleet lease outlives any origin call
     lease_wait: float = 1.0  # how long a peer waits for the lease holder's fill before loading itself
-    refresh_ahead: float = 0.1  # a hit in the last 10 % of a value's TTL refreshes it in the background
+    refresh_ahead: float = 0.03  # a hit in the last 3 % of a value's TTL refreshes it in the background
 
     def ttl_for(self, dt: DataType, negative: bool) -> float:
         if negative:

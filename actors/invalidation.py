@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
+    channel: str
+
+    def message(self, keys: Sequence[str], patterns: Sequence[str], **extra: Any) -> bytes: ...
     async def publish(self, keys: Sequence[str], patterns: Sequence[str], **extra: Any) -> None: ...
 
 
@@ -56,24 +59,18 @@ class Invalidator:
         if self.l2 is not None:
             groups = [g for g in (group_for_pattern(p) for p in patterns) if g is not None]
             scans = [p for p in patterns if group_for_pattern(p) is None]
+            # Redis is cleared and the bus message published in one script (one round trip, in that order)
+            bus = self.bus
+            publish = (bus.channel, bus.message(keys, patterns, **self.trace_fields())) if bus is not None else None
             try:
-                deleted = await self.l2.invalidate(keys, groups, scans)
+                deleted = await self.l2.invalidate(keys, groups, scans, publish)
             except CacheUnavailable as err:
                 failure = err
         await self.apply_local(keys, patterns)
-        for k in keys:
-            ns = namespace_of(k)
+        for name in (*keys, *patterns):
+            ns = namespace_of(name)
             if ns is not None:
                 self.stats.inc(ns.data_type, "invalidations_sent")
-        for p in patterns:
-            ns = namespace_of(p)
-            if ns is not None:
-                self.stats.inc(ns.data_type, "invalidations_sent")
-        if self.bus is not None and failure is None:
-            try:
-                await self.bus.publish(keys, patterns, **self.trace_fields())
-            except CacheUnavailable as err:
-                failure = err
         if failure is not None:
             log.warning(
                 "invalidation deferred until Redis returns: %s", failure, extra={"event": "invalidation_deferred"}
@@ -139,11 +136,13 @@ class Invalidator:
             keys, patterns = self.pending[0]
             groups = [g for g in (group_for_pattern(p) for p in patterns) if g is not None]
             scans = [p for p in patterns if group_for_pattern(p) is None]
+            bus = self.bus
             try:
                 if self.l2 is not None:
-                    await self.l2.invalidate(keys, groups, scans)
-                if self.bus is not None:
-                    await self.bus.publish(keys, patterns)
+                    publish = (bus.channel, bus.message(keys, patterns)) if bus is not None else None
+                    await self.l2.invalidate(keys, groups, scans, publish)
+                elif bus is not None:
+                    await bus.publish(keys, patterns)
             except CacheUnavailable:
                 return False
             self.pending.pop(0)

@@ -73,12 +73,17 @@ class InvalidationBus:
         self.connected_event = asyncio.Event()
 
     # ------------------------------------------------------------ publishing
-    async def publish(self, keys: Sequence[str], patterns: Sequence[str], **extra: Any) -> None:
+    def message(self, keys: Sequence[str], patterns: Sequence[str], **extra: Any) -> bytes:
+        """The next message of this bus (its ``seq`` taken now: one that is never sent shows as a gap)."""
         self.seq += 1
         msg = {"instance": self.id, "seq": self.seq, "keys": list(keys), "patterns": list(patterns), **extra}
+        return orjson.dumps(msg)
+
+    async def publish(self, keys: Sequence[str], patterns: Sequence[str], **extra: Any) -> None:
+        message = self.message(keys, patterns, **extra)
         try:
             async with asyncio.timeout(self.publish_timeout):
-                await self.client.publish(self.channel, orjson.dumps(msg))
+                await self.client.publish(self.channel, message)
         except (RedisError, OSError, TimeoutError) as err:
             raise CacheUnavailable(f"redis PUBLISH: {type(err).__name__}: {err}") from err
 
@@ -99,6 +104,10 @@ class InvalidationBus:
                     err,
                     extra={"event": "subscriber_lost", "reconnects": self.reconnects, "gaps": self.gaps},
                 )
+            except Exception:  # e.g. applying a message failed: L1 cannot be trusted, start over
+                log.exception("invalidation subscriber failed", extra={"event": "subscriber_failed"})
+            if self.subscribed:
+                delay = 0.05  # it had been working: reconnect promptly, the back-off starts afresh
             await self._lost()
             await self._close()
             await asyncio.sleep(delay)  # back-off between reconnect attempts, not a wait for an event
@@ -116,7 +125,8 @@ class InvalidationBus:
         ps, self._pubsub = self._pubsub, None
         if ps is not None:
             try:
-                await ps.aclose()
+                async with asyncio.timeout(1.0):  # a black-holed socket must not hold up a reconnect or shutdown
+                    await ps.aclose()
             except (RedisError, OSError, TimeoutError):
                 pass
 

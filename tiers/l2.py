@@ -66,7 +66,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS = value keys, then group index keys; ARGV[1] = how many value keys. Returns value keys unlinked.
+# KEYS = value keys, then group index keys; ARGV[1] = how many value keys; ARGV[2], ARGV[3] = a channel and a
+# message to PUBLISH once the keys are gone (empty: none), so a write costs one round trip. Returns keys unlinked.
 _INVALIDATE = """
 local n = 0
 local nkeys = tonumber(ARGV[1])
@@ -83,6 +84,7 @@ for i, k in ipairs(KEYS) do
     redis.call('UNLINK', k)
   end
 end
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return n
 """
 
@@ -110,7 +112,13 @@ class L2(Protocol):
     async def try_lease(self, key: str, token: str, lease_ms: int, group: str | None = None) -> bool: ...
     async def fill(self, key: str, token: str, value: bytes, px: int) -> bool: ...
     async def release(self, key: str, token: str) -> bool: ...
-    async def invalidate(self, keys: Sequence[str], groups: Sequence[str], patterns: Sequence[str]) -> int: ...
+    async def invalidate(
+        self,
+        keys: Sequence[str],
+        groups: Sequence[str],
+        patterns: Sequence[str],
+        publish: tuple[str, bytes] | None = None,
+    ) -> int: ...
 
 
 def _now_ms() -> int:
@@ -292,14 +300,22 @@ class RedisCache:
                 pipe.set(key, value, px=px)
                 await pipe.execute()
 
-    async def invalidate(self, keys: Sequence[str], groups: Sequence[str] = (), patterns: Sequence[str] = ()) -> int:
-        """Delete keys (and leases), group members, and pattern matches. Returns value keys deleted."""
+    async def invalidate(
+        self,
+        keys: Sequence[str],
+        groups: Sequence[str] = (),
+        patterns: Sequence[str] = (),
+        publish: tuple[str, bytes] | None = None,
+    ) -> int:
+        """Delete pattern matches (SCAN), then keys (and leases) and group members, then PUBLISH ``publish``
+        (channel, message) — the last two in one script, atomically. Returns value keys deleted."""
         n = 0
-        if keys or groups:
-            async with self._guard("EVALSHA invalidate"):
-                n += int(await self._invalidate(keys=[*keys, *groups], args=[len(keys)]))
         for pattern in patterns:
             n += await self.delete_pattern(pattern)
+        if keys or groups or publish:
+            channel, message = publish if publish is not None else ("", b"")
+            async with self._guard("EVALSHA invalidate"):
+                n += int(await self._invalidate(keys=[*keys, *groups], args=[len(keys), channel, message]))
         return n
 
 
