@@ -202,7 +202,7 @@ class Cluster:
         if inst.running:
             raise ClusterError(f"{inst.instance_id} is already running")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        inst._log = open(inst.log_path, "ab")  # noqa: SIM115 - closed in stop_instance
+        inst._log = open(inst.log_path, "ab")  # closed in stop_instance
         inst._log.write(f"--- start #{inst.starts + 1} at {time.strftime('%H:%M:%S')} on {inst.url}\n".encode())
         inst._log.flush()
         inst.proc = subprocess.Popen(
@@ -213,15 +213,15 @@ class Cluster:
             stdout=inst._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         inst.starts += 1
         _LIVE.add(inst.proc)
 
-    async def wait_ready(self, index: int, timeout: float | None = None) -> None:
+    async def wait_ready(self, index: int, within: float | None = None) -> None:
         """Poll /health/ready until 200 with checks.invalidation == "subscribed" (or fail at the deadline)."""
         inst = self.instances[index]
-        deadline = time.monotonic() + (timeout or self.ready_timeout)
+        deadline = time.monotonic() + (within or self.ready_timeout)
         last = "no answer yet"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
             while True:
@@ -237,8 +237,9 @@ class Cluster:
                 except (aiohttp.ClientError, TimeoutError, ValueError) as err:
                     last = f"{type(err).__name__}: {err}"
                 if time.monotonic() > deadline:
-                    raise ClusterError(f"{inst.instance_id} not ready within the deadline; last: {last}\n"
-                                       f"{self.tail(index)}")
+                    raise ClusterError(
+                        f"{inst.instance_id} not ready within the deadline; last: {last}\n{self.tail(index)}"
+                    )
                 await asyncio.sleep(0.05)  # polling interval
 
     async def stop_instance(self, index: int, grace: float | None = None) -> int | None:
@@ -251,13 +252,12 @@ class Cluster:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
-                deadline = time.monotonic() + (self.stop_grace if grace is None else grace)
-                while proc.poll() is None and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)  # polling the child's exit
-                if proc.poll() is None:
+                try:
+                    await asyncio.to_thread(proc.wait, self.stop_grace if grace is None else grace)
+                except subprocess.TimeoutExpired:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
-                    proc.wait(timeout=5)
+                    await asyncio.to_thread(proc.wait, 5)
             return proc.returncode
         finally:
             _LIVE.discard(proc)
@@ -314,8 +314,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    cluster = Cluster(args.n, args.base_port, database_url=args.database_url, redis_url=args.redis_url,
-                      admin_token=args.token)
+    cluster = Cluster(
+        args.n, args.base_port, database_url=args.database_url, redis_url=args.redis_url, admin_token=args.token
+    )
     async with cluster:
         for inst in cluster.instances:
             print(f"{inst.instance_id}  {inst.url}  log {inst.log_path}")

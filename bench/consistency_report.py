@@ -174,9 +174,7 @@ def _instance_converged(rs: list[Read], version: int, ack: float) -> float | Non
 # ---------------------------------------------------------------- end state
 
 
-def keys_stale_at_end(
-    writes: Iterable[Write], final: Mapping[tuple[str, int], int | None]
-) -> list[dict[str, Any]]:
+def keys_stale_at_end(writes: Iterable[Write], final: Mapping[tuple[str, int], int | None]) -> list[dict[str, Any]]:
     """Every (key, instance) whose final read is older than the key's last acknowledged write (or failed)."""
     last: dict[str, int] = {}
     for k, ws in acked_by_key(writes).items():
