@@ -283,18 +283,63 @@ class Cluster:
         return "\n".join(text.splitlines()[-lines:])
 
     # ------------------------------------------------------------ faults
-    async def kill_subscribers(self) -> int:
-        """``CLIENT KILL TYPE pubsub`` on the shared Redis: drops every pub/sub connection (every instance's
-        subscriber, and any other pub/sub client of that Redis server). Returns how many were killed."""
+    async def kill_subscribers(self, *, only_ours: bool = True) -> int:
+        """Drop every instance's invalidation-subscriber connection; returns how many connections were killed.
+
+        ``only_ours=False`` is plain ``CLIENT KILL TYPE pubsub``: every pub/sub connection of that Redis server,
+        including other users' (another test run sharing the server). By default (Linux) only the pub/sub
+        connections whose client port belongs to one of this cluster's processes are killed, by id
+        (``CLIENT LIST TYPE pubsub`` + ``CLIENT KILL ID``); where the sockets cannot be matched it falls back to
+        ``CLIENT KILL TYPE pubsub``."""
+        if only_ours:
+            pids = [i.proc.pid for i in self.instances if i.proc is not None and i.running]
+            ports = local_tcp_ports(pids)
+            if ports is not None:
+                return await kill_subscribers(self.redis_url, client_ports=ports)
         return await kill_subscribers(self.redis_url)
 
 
-async def kill_subscribers(redis_url: str) -> int:
+def local_tcp_ports(pids: list[int]) -> set[int] | None:
+    """Local TCP ports of the sockets these processes hold (Linux /proc); None when /proc cannot tell."""
+    inodes: set[int] = set()
+    try:
+        for pid in pids:
+            fd_dir = f"/proc/{pid}/fd"
+            for fd in os.listdir(fd_dir):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"{fd_dir}/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(int(link[8:-1]))
+        ports: set[int] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(table) as fh:
+                next(fh, None)
+                for line in fh:
+                    cols = line.split()
+                    if len(cols) > 9 and int(cols[9]) in inodes:
+                        ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+        return ports
+    except (OSError, ValueError):
+        return None
+
+
+async def kill_subscribers(redis_url: str, *, client_ports: set[int] | None = None) -> int:
+    """``CLIENT KILL TYPE pubsub``; with ``client_ports``, only the pub/sub clients connecting from those ports."""
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
-        return int(await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+        if client_ports is None:
+            return int(await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+        listing = await client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+        text = listing.decode() if isinstance(listing, bytes) else str(listing)
+        killed = 0
+        for line in text.splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            port = fields.get("addr", "").rsplit(":", 1)[-1]
+            if port.isdigit() and int(port) in client_ports:
+                killed += int(await client.execute_command("CLIENT", "KILL", "ID", fields["id"], "SKIPME", "yes"))
+        return killed
     finally:
         await client.aclose()
 
