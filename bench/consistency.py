@@ -426,6 +426,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--database-url", default=DEFAULT_DATABASE_URL, help=f"local cluster only (default {DEFAULT_DATABASE_URL})"
     )
+    p.add_argument(
+        "--kill-all-pubsub",
+        action="store_true",
+        help="local cluster: kill every pub/sub connection of the Redis server (plain CLIENT KILL TYPE pubsub), "
+        "not only the cluster's own subscribers",
+    )
     p.add_argument("--instances", type=int, default=3, help="local cluster size (default 3)")
     p.add_argument("--timeout", type=float, default=2.0, help="per-request timeout, s (default 2)")
     p.add_argument("--max-in-flight", type=int, default=64, help="concurrency bound per kind (default 64)")
@@ -478,7 +484,9 @@ async def _amain(args: argparse.Namespace) -> int:
             checker = Checker(
                 cluster.urls,
                 cluster.admin_token,
-                kill=cluster.kill_subscribers if args.kill_subscribers_every > 0 else None,
+                kill=(lambda: cluster.kill_subscribers(only_ours=not args.kill_all_pubsub))
+                if args.kill_subscribers_every > 0
+                else None,
                 **common,
             )
             report = await checker.run()
