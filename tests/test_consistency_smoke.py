@@ -19,3 +19,16 @@ async def test_checker_runs_against_two_instances_and_finds_no_key_stale_at_the_
     assert set(rep["reads"]["per_instance"]) == set(urls)
     assert rep["end"]["checked"] == 5 * 2
     assert rep["end"]["keys_stale"] == 0, rep["end"]["stale_pairs"]
+
+
+async def test_checker_flags_an_instance_that_never_hears_invalidations(make_client: AppFactory) -> None:
+    """Negative control: the second app runs without Redis (L1 only), so nothing ever invalidates its copies."""
+    apps = [await make_client(), await make_client(env={"REDIS_URL": "none"})]
+    urls = [str(c.make_url("")).rstrip("/") for c in apps]
+    checker = Checker(urls, ADMIN, duration=1.5, write_rate=10, read_rate=100, keys=3, settle=0.3, seed=2)
+    rep = await checker.run()
+    assert rep["stale"]["beyond_bound"] > 0
+    assert set(rep["stale"]["by_instance"]) == {urls[1]}
+    assert rep["end"]["keys_stale"] > 0
+    assert {e["instance"] for e in rep["end"]["stale_pairs"]} == {urls[1]}
+    assert rep["ok"] is False
