@@ -359,7 +359,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cancel_on_sigterm() -> None:
+    """SIGTERM cancels the main task, so the cluster is stopped on the way out (as on Ctrl-C)."""
+    task = asyncio.current_task()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
 async def _main(args: argparse.Namespace) -> int:
+    _cancel_on_sigterm()
     cluster = Cluster(
         args.n, args.base_port, database_url=args.database_url, redis_url=args.redis_url, admin_token=args.token
     )
@@ -378,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return asyncio.run(_main(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
     except ClusterError as err:
         print(f"cluster: {err}", file=sys.stderr)

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -440,7 +441,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cancel_on_sigterm() -> None:
+    """SIGTERM cancels the main task, so the cluster is stopped on the way out (as on Ctrl-C)."""
+    task = asyncio.current_task()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
 async def _amain(args: argparse.Namespace) -> int:
+    _cancel_on_sigterm()
+
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -523,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(_amain(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("consistency: interrupted", file=sys.stderr)
         return 130
     except (SetupError, ClusterError) as err:
