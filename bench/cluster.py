@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ class Instance:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    forced_kills: int = 0  # stops that needed SIGKILL
     _log: Any = field(default=None, repr=False)
 
     @property
@@ -123,6 +124,7 @@ class Cluster:
         ready_timeout: float = 30.0,
         stop_grace: float = 15.0,
         name: str = "bench",
+        instance_env: Sequence[Mapping[str, str]] | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("n must be >= 1")
@@ -137,6 +139,7 @@ class Cluster:
         self.ready_timeout = ready_timeout
         self.stop_grace = stop_grace
         self.extra_env = dict(env or {})
+        self.instance_env = [dict(e) for e in (instance_env or [])]  # per instance, over env
         run = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         if base_port is not None:
             ports = [base_port + i for i in range(n)]
@@ -175,6 +178,8 @@ class Cluster:
         pp = env.get("PYTHONPATH")
         env["PYTHONPATH"] = str(self.cwd) + (os.pathsep + pp if pp else "")  # the tree under test comes first
         env.update(self.extra_env)
+        if inst.index < len(self.instance_env):
+            env.update(self.instance_env[inst.index])
         return env
 
     # ------------------------------------------------------------ lifecycle
@@ -233,7 +238,8 @@ class Cluster:
                         body = await resp.json(content_type=None)
                         last = f"{resp.status} {body}"
                         subscribed = body.get("checks", {}).get("invalidation") == "subscribed"
-                        if resp.status == 200 and (subscribed or self.redis_url == "none"):  # none: no bus at all
+                        no_bus = self.env_for(inst).get("REDIS_URL") == "none"
+                        if resp.status == 200 and (subscribed or no_bus):
                             return
                 except (aiohttp.ClientError, TimeoutError, ValueError) as err:
                     last = f"{type(err).__name__}: {err}"
@@ -256,6 +262,10 @@ class Cluster:
                 try:
                     await asyncio.to_thread(proc.wait, self.stop_grace if grace is None else grace)
                 except subprocess.TimeoutExpired:
+                    inst.forced_kills += 1
+                    if inst._log is not None:
+                        inst._log.write(b"--- bench/cluster: no exit within the grace period after SIGTERM: SIGKILL\n")
+                        inst._log.flush()
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await asyncio.to_thread(proc.wait, 5)
