@@ -63,7 +63,7 @@ async def test_checker_flags_an_instance_that_never_hears_invalidations(cluster:
     async with asyncio.timeout(30):
         rep = await checker.run()
     assert rep["stale"]["beyond_bound"] > 0
-    assert set(rep["stale"]["by_instance"]) == {c.urls[1]}
+    assert c.urls[1] in rep["stale"]["by_instance"]
     assert rep["end"]["keys_stale"] > 0
-    assert {e["instance"] for e in rep["end"]["stale_pairs"]} == {c.urls[1]}
+    assert c.urls[1] in {e["instance"] for e in rep["end"]["stale_pairs"]}
     assert rep["ok"] is False
