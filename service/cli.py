@@ -52,8 +52,9 @@ async def _migrate(settings: Settings) -> int:
     embedded = EmbeddedPostgres(settings.server.data_dir) if settings.postgres.embedded else None
     dsn = embedded.start() if embedded else settings.postgres.url
     try:
-        pool = await postgres.create_pool(dsn, min_size=1, max_size=1, command_timeout=30,
-                                          connect_timeout=settings.postgres.connect_timeout)
+        pool = await postgres.create_pool(
+            dsn, min_size=1, max_size=1, command_timeout=30, connect_timeout=settings.postgres.connect_timeout
+        )
         try:
             applied = await postgres.migrate(pool)
         finally:

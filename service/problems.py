@@ -19,9 +19,7 @@ CONTENT_TYPE = "application/problem+json"
 
 
 class Problem(Exception):
-    def __init__(
-        self, status: int, slug: str, title: str, detail: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, slug: str, title: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.slug = slug

@@ -33,9 +33,7 @@ def cached(lookup: Lookup, what: str) -> web.Response:
 def require_admin(request: web.Request) -> None:
     token = request.app[K.SETTINGS].server.admin_token
     if not token:
-        raise Problem(
-            403, "admin-disabled", "Admin endpoints closed", "no ADMIN_TOKEN is configured on this instance"
-        )
+        raise Problem(403, "admin-disabled", "Admin endpoints closed", "no ADMIN_TOKEN is configured on this instance")
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):

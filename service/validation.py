@@ -66,11 +66,13 @@ def positive_decimal(value: Any, field: str) -> Decimal:
 
 def non_negative_decimal(value: Any, field: str) -> Decimal:
     if not isinstance(value, str):
-        raise bad_request(f"{field}: expected a decimal string such as \"0.00066\", not a JSON {_kind(value)}",
-                          "invalid-body")
+        raise bad_request(
+            f'{field}: expected a decimal string such as "0.00066", not a JSON {_kind(value)}', "invalid-body"
+        )
     if not _DECIMAL.fullmatch(value):
-        raise bad_request(f"{field}: expected a decimal string with at most 18 fractional digits, got {value!r}",
-                          "invalid-body")
+        raise bad_request(
+            f"{field}: expected a decimal string with at most 18 fractional digits, got {value!r}", "invalid-body"
+        )
     try:
         return Decimal(value)
     except InvalidOperation:  # unreachable after the regex, kept as a guard
@@ -93,8 +95,9 @@ async def json_object(request: web.Request, allowed: set[str], required: set[str
         raise bad_request(f"body: expected a JSON object, got a JSON {_kind(body)}", "invalid-body")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise bad_request(f"body: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}",
-                          "invalid-body")
+        raise bad_request(
+            f"body: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}", "invalid-body"
+        )
     missing = sorted(required - set(body))
     if missing:
         raise bad_request(f"body: missing field(s) {', '.join(missing)}", "invalid-body")

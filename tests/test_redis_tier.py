@@ -16,8 +16,14 @@ from tiers.redis_pool import ManagedPool
 
 def make_pool(url: str, **kw) -> ManagedPool:
     opts = dict(
-        max_connections=20, timeout=5, socket_connect_timeout=5, socket_timeout=1, health_check_interval=30,
-        min_idle=0, max_lifetime=300, idle_timeout=60,
+        max_connections=20,
+        timeout=5,
+        socket_connect_timeout=5,
+        socket_timeout=1,
+        health_check_interval=30,
+        min_idle=0,
+        max_lifetime=300,
+        idle_timeout=60,
     )
     opts.update(kw)
     return ManagedPool.for_url(url, **opts)
@@ -41,7 +47,10 @@ async def test_seed_cache_api(cache: RedisCache):
     assert (await cache.ttl("v1:auth:session:s1")) <= 5
     await cache.set_many({"v1:bill:provider:a": b"1", "v1:bill:provider:b": b"2"}, ttl=30)
     assert await cache.get_many(["v1:bill:provider:a", "v1:bill:provider:x", "v1:bill:provider:b"]) == [
-        b"1", None, b"2"]
+        b"1",
+        None,
+        b"2",
+    ]
     assert await cache.increment("v1:auth:rate_limit:u:login", ttl=60) == 1
     assert await cache.increment("v1:auth:rate_limit:u:login", by=4, ttl=60) == 5
     assert await cache.decrement("v1:auth:rate_limit:u:login") == 4
@@ -151,8 +160,13 @@ async def test_health_check_interval_and_connection_timeout_reach_connections(re
 
 async def test_errors_are_translated_at_the_tier_boundary():
     pool = ManagedPool.for_url(
-        "redis://127.0.0.1:1", max_connections=2, timeout=0.5, socket_connect_timeout=0.5, min_idle=0,
-        max_lifetime=10, idle_timeout=10,
+        "redis://127.0.0.1:1",
+        max_connections=2,
+        timeout=0.5,
+        socket_connect_timeout=0.5,
+        min_idle=0,
+        max_lifetime=10,
+        idle_timeout=10,
     )
     cache = RedisCache(aioredis.Redis(connection_pool=pool), pool)
     with pytest.raises(CacheUnavailable):

@@ -65,9 +65,7 @@ async def test_bad_conversions_400(make_client, params):
 
 async def test_max_amount_accepted(make_client):
     client = await make_client()
-    r = await client.get(
-        "/v1/rates/convert", params={"amount": "922337203685.4775807", "from": "USD", "to": "CNGN"}
-    )
+    r = await client.get("/v1/rates/convert", params={"amount": "922337203685.4775807", "from": "USD", "to": "CNGN"})
     assert r.status == 200
     assert (await r.json())["result"] == "1418978894381959.8388037"
 
