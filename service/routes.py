@@ -233,6 +233,19 @@ def _dashboard_html() -> bytes:
     return (Path(__file__).resolve().parent / "dashboard.html").read_bytes()
 
 
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.yaml"  # package data; docs/openapi.yaml is a copy
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of this API (application/yaml, RFC 9512)."""
+    return web.Response(body=_openapi_yaml(), content_type="application/yaml", charset="utf-8")
+
+
+@functools.cache
+def _openapi_yaml() -> bytes:
+    return OPENAPI_PATH.read_bytes()
+
+
 # ---------------------------------------------------------------- health
 
 
@@ -295,3 +308,4 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/health/ready", ready)
     r.add_get("/metrics", metrics_handler)
     r.add_get("/dashboard", dashboard)
+    r.add_get("/openapi.yaml", openapi_document)
