@@ -40,7 +40,9 @@ def require_admin(request: web.Request) -> None:
         raise Problem(403, "admin-disabled", "Admin endpoints closed", "no ADMIN_TOKEN is configured on this instance")
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # aiohttp keeps bytes that are not UTF-8 as surrogates: encode them back, never fail on them (a 401, not a 500)
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
         raise Problem(
             401,
             "unauthorized",
