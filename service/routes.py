@@ -43,7 +43,9 @@ def require_admin(request: web.Request) -> None:
         raise Problem(403, "admin-disabled", "Admin endpoints closed", "no ADMIN_TOKEN is configured on this instance")
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # aiohttp keeps bytes that are not UTF-8 as surrogates: encode them back, never fail on them (a 401, not a 500)
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
         raise Problem(
             401,
             "unauthorized",
@@ -236,6 +238,19 @@ def _dashboard_html() -> bytes:
     return (Path(__file__).resolve().parent / "dashboard.html").read_bytes()
 
 
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.yaml"  # package data; docs/openapi.yaml is a copy
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of this API (application/yaml, RFC 9512)."""
+    return web.Response(body=_openapi_yaml(), content_type="application/yaml", charset="utf-8")
+
+
+@functools.cache
+def _openapi_yaml() -> bytes:
+    return OPENAPI_PATH.read_bytes()
+
+
 # ---------------------------------------------------------------- health
 
 
@@ -280,6 +295,7 @@ ROUTES = (
     ("GET", "/health/ready", ready),
     ("GET", "/metrics", metrics_handler),
     ("GET", "/dashboard", dashboard),
+    ("GET", "/openapi.yaml", openapi_document),
 )
 
 

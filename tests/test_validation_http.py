@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from service import appkeys as K
-from tests.conftest import AUTH
+from tests.conftest import ADMIN, AUTH
 
 
 def assert_problem(r, status: int) -> None:
@@ -147,6 +149,25 @@ async def test_bad_cache_patterns_400(make_client, pattern):
     client = await make_client()
     r = await client.delete("/v1/cache", params={"pattern": pattern}, headers=AUTH)
     assert_problem(r, 400)
+
+
+async def test_admin_auth_header_not_utf8_is_401(make_client):
+    """Bytes that are not UTF-8 in Authorization were a 500 (UnicodeEncodeError comparing the token): a 401."""
+    client = await make_client()
+    host, port = client.server.host, client.server.port
+    for value in (b"Bearer \xff\xfe", b"Bearer " + ADMIN.encode() + b"\xff", "Bearer \u00e9".encode()):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            b"DELETE /v1/cache?pattern=v1:rate:* HTTP/1.1\r\nHost: t\r\nAuthorization: "
+            + value
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        head = answer.split(b"\r\n\r\n", 1)[0]
+        assert head.startswith(b"HTTP/1.1 401 "), (value, answer[:200])
+        assert b"WWW-Authenticate: Bearer" in head and b"application/problem+json" in head
 
 
 async def test_unknown_route_and_method_are_problems(make_client):
