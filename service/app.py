@@ -103,7 +103,11 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
             app[K.PG_ORIGIN] = postgres.PostgresOrigin(pool, acquire_timeout=s.postgres.connect_timeout)
             yield
         finally:
-            await pool.close()
+            try:  # asyncpg waits for every connection to be released: bounded, then forced
+                await asyncio.wait_for(pool.close(), s.server.shutdown_grace)
+            except TimeoutError:
+                log.warning("postgres pool did not close in time; terminating its connections")
+                pool.terminate()
     finally:
         if embedded:
             embedded.stop()
@@ -147,8 +151,10 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await cancel_and_wait(maintenance)
-        await client.aclose()
-        await pool.disconnect()
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            async with asyncio.timeout(5):
+                await client.aclose()
+                await pool.disconnect()
         if embedded:
             embedded.stop()
 
@@ -178,7 +184,9 @@ async def horizon_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await origin.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await origin.close()
 
 
 # ---------------------------------------------------------------- tiers and actors
@@ -291,7 +299,9 @@ async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
         invalidator.on_pending = None
         await cancel_and_wait(replayer)
         await cancel_and_wait(task)
-        await sub_client.aclose()
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            async with asyncio.timeout(5):
+                await sub_client.aclose()
 
 
 # ---------------------------------------------------------------- lifecycle
