@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import aiohttp
 import asyncpg
 from aiohttp import web
 from opentelemetry.sdk.trace import SpanProcessor
@@ -67,7 +66,6 @@ BALANCES = web.AppKey("balances", BalancesActor)
 TRUSTLINES = web.AppKey("trustlines", TrustlinesActor)
 BUS = web.AppKey("bus", InvalidationBus)
 HEALTH = web.AppKey("health", HealthProbe)
-HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 METRICS = web.AppKey("metrics", Metrics)
 # tests and benchmarks: a span processor to record into (set before the app starts; enables tracing)

@@ -158,7 +158,7 @@ async def test_l1_bounded_per_entry_ttl_and_cap():
     for k in "cdefg":
         l1.put(k, Entry(b"1", 0, 5))
         assert len(l1) <= 3
-    l1.stop_serving()
+    l1.set_mode("off")
     assert len(l1) == 0 and l1.get("g") is None and not l1.put("x", Entry(b"1", 0, 5))
-    l1.resume_serving()
+    l1.set_mode("normal")
     assert l1.put("x", Entry(b"1", 0, 5)) and l1.get("x") is not None

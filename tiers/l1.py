@@ -122,12 +122,6 @@ class L1:
         self._cache.expire()
 
     # ---- trust modes (see actors.invalidation.Invalidator.update_trust)
-    def stop_serving(self) -> None:
-        self.set_mode("off")
-
-    def resume_serving(self) -> None:
-        self.set_mode("normal")
-
     def set_mode(self, mode: str, degraded_ttl: float = 1.0) -> None:
         """normal: serve, cap max_ttl; degraded: serve, cap degraded_ttl; off: serve nothing. Always clears."""
         self.clear()
