@@ -11,9 +11,11 @@ import itertools
 import time
 from collections.abc import Iterator
 from functools import partial
+from random import random
 from typing import Any
 
 from aiohttp import web
+from opentelemetry import context as otel_context
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -269,9 +271,17 @@ def observed(handler: Any, route: str) -> Any:
         status = 500
         try:
             telemetry = app[K.TELEMETRY]
-            if telemetry.server_middleware is not None:  # tracing on: the maintained aiohttp instrumentation
+            if telemetry.server_middleware is not None and (
+                telemetry.head_ratio is None or "traceparent" in request.headers or random() < telemetry.head_ratio
+            ):  # a traced request: the maintained aiohttp instrumentation
                 with telemetry.active():
                     resp = await telemetry.server_middleware(request, partial(guarded, handler=handler))
+            elif telemetry.server_middleware is not None:  # sampled out at the edge: no instrumentation at all
+                token = otel_context.attach(telemetry.unsampled())
+                try:
+                    resp = await guarded(request, handler)
+                finally:
+                    otel_context.detach(token)
             else:
                 try:
                     resp = await handler(request)

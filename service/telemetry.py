@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -247,12 +248,26 @@ class Telemetry:
         self.provider = provider  # an SDK TracerProvider, or None when off
         self.tracer: Tracer | None = None  # the cache's own spans; None unless recording
         self.server_middleware: Any = None  # the aiohttp-server instrumentation bound to this provider
+        # parentbased_traceidratio < 1: the share of root requests traced. The others skip the instrumentation
+        # middleware entirely (it costs per request even for spans it does not record) and run under an
+        # unsampled parent, so no span below them is recorded either.
+        self.head_ratio: float | None = None
         self._library_tracers: dict[tuple[Any, ...], Tracer] = {}
         if provider is not None and config.mode == "record":
             self.tracer = provider.get_tracer(TRACER_NAME)
             from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
 
             self.server_middleware = create_aiohttp_middleware(tracer_provider=provider)
+
+    def unsampled(self) -> otel_context.Context:
+        """A context whose current span is valid but not sampled: every span started under it is dropped."""
+        ctx = trace.SpanContext(
+            trace_id=random.getrandbits(128) or 1,
+            span_id=random.getrandbits(64) or 1,
+            is_remote=False,
+            trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
+        )
+        return trace.set_span_in_context(trace.NonRecordingSpan(ctx))
 
     @property
     def mode(self) -> str:
@@ -376,6 +391,14 @@ def build(otel: Mapping[str, str], instance_id: str, processor: Any = None) -> T
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     sampler = s.ALWAYS_OFF if config.mode == "none" else _sampler(config.sampler, config.sampler_arg)
+    head_ratio = None
+    if config.mode == "record" and config.sampler == "parentbased_traceidratio":
+        ratio = float(config.sampler_arg) if config.sampler_arg not in (None, "") else 1.0
+        if ratio < 1.0:
+            # Head sampling at the edge (see Telemetry.head_ratio): a request without a caller's traceparent is
+            # admitted with this ratio before any instrumentation runs; admitted roots are then always sampled.
+            head_ratio = ratio
+            sampler = s.ParentBased(s.ALWAYS_ON)
     provider = TracerProvider(sampler=sampler, resource=Resource(dict(config.resource)), shutdown_on_exit=False)
     if config.mode == "record":
         provider.add_span_processor(_redacting_processor())
@@ -391,4 +414,6 @@ def build(otel: Mapping[str, str], instance_id: str, processor: Any = None) -> T
             exporter = OTLPSpanExporter(endpoint=config.endpoint) if config.endpoint else OTLPSpanExporter()
             provider.add_span_processor(BatchSpanProcessor(exporter))
         _instrument_process_wide()
-    return Telemetry(config, provider)
+    telemetry = Telemetry(config, provider)
+    telemetry.head_ratio = head_ratio
+    return telemetry

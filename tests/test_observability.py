@@ -473,3 +473,23 @@ async def test_grafana_dashboard_uses_only_exported_metrics(make_client: Any) ->
     dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
     used = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"aframp_\w+", t["expr"])}
     assert used and used <= names, used - names
+
+
+async def test_head_sampling_skips_sampled_out_requests_but_honours_a_callers_trace(
+    make_client: Any, settings_factory: Any
+) -> None:
+    exp, proc = recorder()
+    s = settings_factory(env={"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"})
+    client = await make_client(s, span_processor=proc)
+    assert client.app[K.TELEMETRY].head_ratio == 0.0
+    exp.clear()
+    for _ in range(3):  # a miss (Redis, Postgres) and hits: nothing at all is recorded for them
+        assert (await client.get(RATE)).status == 200
+    assert (await client.get("/v1/rates/NOPE/USD")).status == 404
+    assert list(exp.get_finished_spans()) == []
+    # a caller's sampled trace is continued whatever the ratio
+    r = await client.get("/v1/fees/onramp", headers={"traceparent": TRACEPARENT})
+    assert r.status == 200
+    spans = list(exp.get_finished_spans())
+    assert spans and {format(sp.context.trace_id, "032x") for sp in spans} == {TRACE_ID}
+    assert by_name(spans, "cache.origin") and db_spans(spans)
