@@ -52,6 +52,7 @@ def test_environment_overrides():
         "PORT": "9000",
         "INSTANCE_ID": "node-a",
         "OTEL_SERVICE_NAME": "cache",
+        "REDIS_CHANNEL": "fleet-b:invalidations",
     }
     s = load_settings(CFG, env)
     assert s.postgres.url == env["DATABASE_URL"] and not s.postgres.embedded
@@ -63,6 +64,7 @@ def test_environment_overrides():
     assert s.server.admin_token == env["ADMIN_TOKEN"]
     assert (s.server.host, s.server.port, s.server.instance_id) == ("0.0.0.0", 9000, "node-a")
     assert s.otel["OTEL_SERVICE_NAME"] == "cache"
+    assert s.redis.channel == "fleet-b:invalidations"
     assert load_settings(CFG, {"REDIS_URL": "none"}).redis.disabled
 
 
