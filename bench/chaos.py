@@ -694,6 +694,10 @@ def phase_report(env: Env, degraded_ttl: float) -> tuple[list[dict[str, Any]], d
                 "duration_s": round(p["end"] - p["start"], 3),
                 "requests": len(reqs),
                 "by_kind": dict(Counter(r.kind for r in reqs)),
+                "status_by_kind": {
+                    k: dict(sorted(Counter(r.status for r in reqs if r.kind == k).items()))
+                    for k in sorted({r.kind for r in reqs})
+                },
                 "status": dict(sorted(status.items())),
                 "status_500": sum(1 for c in codes if c == "500"),
                 "bad_5xx": sum(
