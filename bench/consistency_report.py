@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,29 @@ def stale_reads(writes: Iterable[Write], reads: Iterable[Read]) -> list[StaleRea
             continue
         first_newer = min(w.acked for w in before if w.version > r.version)  # type: ignore[type-var]
         out.append(StaleRead(r, expected, r.sent - first_newer))  # type: ignore[operator]
+    return out
+
+
+def beyond_bounds(
+    writes: Iterable[Write], stale: Iterable[StaleRead], bound_of: Callable[[Write], float]
+) -> list[StaleRead]:
+    """The stale reads that some write outlived its own bound for: a write ``w`` newer than the read's version,
+    acknowledged before the read was sent, with ``read.sent - w.acked > bound_of(w)``.
+
+    With ``bound_of = lambda w: B`` this is exactly the ``staleness > B`` test of :func:`build_report` (the first
+    newer write acknowledged is the oldest); a per-write bound lets a weaker documented guarantee (e.g. a write
+    acknowledged with ``X-Invalidation: deferred``) have a longer bound than the others."""
+    by_key = acked_by_key(writes)
+    out = []
+    for s in stale:
+        r = s.read
+        for w in by_key.get(r.key, ()):
+            assert w.acked is not None
+            if w.acked >= r.sent:
+                break  # in acknowledgement order: the rest were acknowledged after the read was sent
+            if r.version is not None and w.version > r.version and r.sent - w.acked > bound_of(w):
+                out.append(s)
+                break
     return out
 
 

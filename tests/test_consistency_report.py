@@ -9,6 +9,7 @@ from bench.consistency_report import (
     NOT_FOUND,
     Read,
     Write,
+    beyond_bounds,
     build_report,
     convergence_times,
     keys_stale_at_end,
@@ -141,3 +142,20 @@ def test_version_round_trip_through_the_rate_string() -> None:
     assert decode_version("1.0178") == 17_800_000_000_000_000  # trailing zeros dropped by a server: still decodes
     assert decode_version("0.00065") == 0  # not a checker-written value: older than anything the checker wrote
     assert decode_version("not a number") is None
+
+
+def test_beyond_bounds_gives_each_write_its_own_bound() -> None:
+    deferred = Write(K, 2, 1.0, 1.01, "200 deferred")
+    writes = [w(1, 0.0, 0.01), deferred, w(3, 3.0, 3.01)]
+
+    def bound(x: Write) -> float:
+        return 1.1 if x.status == "200 deferred" else 0.1
+
+    stale = stale_reads(writes, [r(0, 1.5, 1), r(1, 2.5, 1), r(2, 3.05, 2), r(2, 3.5, 2)])
+    assert [s.read.sent for s in stale] == [1.5, 2.5, 3.05, 3.5]
+    # 1.5: 0.49 s after the deferred write (bound 1.1): within; 2.5: 1.49 s: beyond; 3.05: 0.04 s after write 3:
+    # within; 3.5: 0.49 s after the normal write 3 (bound 0.1): beyond
+    assert [s.read.sent for s in beyond_bounds(writes, stale, bound)] == [2.5, 3.5]
+    # one bound for every write is the report's staleness > B
+    uniform = beyond_bounds(writes, stale, lambda _w: 0.1)
+    assert [s.read.sent for s in uniform] == [s.read.sent for s in stale if s.staleness > 0.1]
