@@ -369,7 +369,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cancel_on_sigterm() -> None:
+def cancel_on_sigterm() -> None:
     """SIGTERM cancels the main task, so the cluster is stopped on the way out (as on Ctrl-C)."""
     task = asyncio.current_task()
     if task is not None:
@@ -378,7 +378,7 @@ def _cancel_on_sigterm() -> None:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    _cancel_on_sigterm()
+    cancel_on_sigterm()
     cluster = Cluster(
         args.n, args.base_port, database_url=args.database_url, redis_url=args.redis_url, admin_token=args.token
     )

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,7 +37,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import aiohttp
 
-from bench.cluster import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, Cluster, ClusterError, kill_subscribers
+from bench.cluster import (
+    DEFAULT_DATABASE_URL,
+    DEFAULT_REDIS_URL,
+    Cluster,
+    ClusterError,
+    cancel_on_sigterm,
+    kill_subscribers,
+)
 from bench.consistency_report import NOT_FOUND, Read, Write, build_report
 
 DIGITS = 18  # the service accepts up to 18 fractional digits in a rate
@@ -441,16 +447,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cancel_on_sigterm() -> None:
-    """SIGTERM cancels the main task, so the cluster is stopped on the way out (as on Ctrl-C)."""
-    task = asyncio.current_task()
-    if task is not None:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-
-
 async def _amain(args: argparse.Namespace) -> int:
-    _cancel_on_sigterm()
+    cancel_on_sigterm()
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
