@@ -81,14 +81,23 @@ def _serve(settings: Settings) -> int:
         import uvloop  # optional: faster event loop
     except ImportError:
         uvloop = None
+    from tiers.errors import TierError
+
     app = create_app(settings)
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_grace,
-        access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
-        loop=uvloop.new_event_loop() if uvloop else None,
-        print=lambda msg: logging.getLogger("service").info(msg.strip()),
-    )
+    try:
+        web.run_app(
+            app,
+            host=settings.server.host,
+            port=settings.server.port,
+            shutdown_timeout=settings.server.shutdown_grace,
+            access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
+            loop=uvloop.new_event_loop() if uvloop else None,
+            print=lambda msg: logging.getLogger("service").info(msg.strip()),
+        )
+    except TierError as err:  # e.g. Postgres unreachable at start-up: one clear line, no traceback
+        print(f"aframp-cache: cannot start: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. the port is taken
+        print(f"aframp-cache: cannot start: {err}", file=sys.stderr)
+        return 1
     return 0

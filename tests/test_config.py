@@ -125,3 +125,16 @@ def test_cli_prints_one_line_and_exits_2_without_traceback():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "REDIS_MAX_CONNECTIONS" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_unreachable_postgres_is_one_clear_line_not_a_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--config", str(CFG), "--port", "0"],
+        env={"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x", "REDIS_URL": "none", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    assert "aframp-cache: cannot start: postgres" in proc.stderr and "Traceback" not in proc.stderr
