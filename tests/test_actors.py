@@ -9,6 +9,7 @@ import pytest
 from actors.base import Actor, ActorStopped
 from actors.cache_actor import CacheActor, Invalidate, Policy, Source
 from actors.stats import Stats
+from tests.conftest import eventually
 from tiers.errors import OriginUnavailable
 from tiers.keys import DataType, Namespace, rate
 from tiers.l1 import L1
@@ -47,7 +48,11 @@ async def test_stop_fails_pending_asks_and_cancels_children():
     a = Echo()
     await a.start()
     pending = asyncio.create_task(a.ask("slow"))
-    await asyncio.sleep(0)  # let the ask reach the mailbox
+
+    async def child_running() -> bool:  # the ask reached the mailbox and its work was spawned
+        return bool(a._children)
+
+    await eventually(child_running, timeout=2)
     await a.stop()
     with pytest.raises((ActorStopped, asyncio.CancelledError)):
         await pending

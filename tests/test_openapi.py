@@ -20,7 +20,7 @@ from stellar_sdk import Keypair, MuxedAccount
 from service import appkeys as K
 from service.app import _draining, create_app
 from service.routes import OPENAPI_PATH
-from tests.conftest import AUTH, ROOT
+from tests.conftest import AUTH, ROOT, eventually
 from tests.horizon_standin import credit
 from tiers.keys import DataType
 
@@ -516,7 +516,12 @@ async def test_stale_balance_conforms(make_client, settings_factory, horizon):
     horizon.fund(account)
     r, _ = await conforms(client, "GET", f"/v1/wallets/{account}/balances")
     assert r.headers["X-Cache"] == "MISS"
-    await asyncio.sleep(0.5)
+    l1 = client.app[K.L1_CACHE]
+
+    async def expired() -> bool:
+        return l1.get(f"v1:wallet:balance:{account}") is None
+
+    await eventually(expired, timeout=3)
     horizon.mode = "fail"
     r, body = await conforms(client, "GET", f"/v1/wallets/{account}/balances")
     assert r.status == 200 and r.headers["X-Cache"] == "STALE" and "Age" in r.headers
