@@ -65,6 +65,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[k]
 
 
+def latency_row(label_column: str, label: str, values: Sequence[float]) -> dict[str, object]:
+    """One table row of a latency sample in milliseconds: n, p50, p99, max, mean."""
+    st = summary(values)
+    return {
+        label_column: label,
+        "n": st["n"],
+        "p50 ms": st["p50"],
+        "p99 ms": st["p99"],
+        "max ms": st["max"],
+        "mean ms": st["mean"],
+    }
+
+
 def summary(values: Sequence[float]) -> dict[str, float]:
     """p50/p90/p99/max/mean of a sample (same unit as the values)."""
     if not values:

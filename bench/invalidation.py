@@ -28,11 +28,11 @@ from bench._common import (
     Result,
     bench_pairs,
     flush_bench_redis,
+    latency_row,
     parser,
     percentile,
     prepare_postgres,
     seed_rates,
-    summary,
 )
 
 PATH = "/v1/rates/CNGN/USD"
@@ -105,17 +105,7 @@ async def run(smoke: bool, writes: int, instances: int, out: str) -> Result:
         ("PUT round trip (writer)", put_ms),
         ("baseline: one GET round trip (poll resolution)", poll_rtt),
     ]:
-        st = summary(vals)
-        res.row(
-            **{
-                "measure": label,
-                "n": st["n"],
-                "p50 ms": st["p50"],
-                "p99 ms": st["p99"],
-                "max ms": st["max"],
-                "mean ms": st["mean"],
-            }
-        )
+        res.row(**latency_row("measure", label, vals))
         res.sample(label, vals)
     p99 = percentile(after_ack, 99)
     rtt99 = percentile(poll_rtt, 99)

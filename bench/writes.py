@@ -22,7 +22,17 @@ import asyncpg
 import orjson
 
 from bench._cluster import Cluster
-from bench._common import AUTH, Result, bench_pairs, flush_bench_redis, parser, prepare_postgres, seed_rates, summary
+from bench._common import (
+    AUTH,
+    Result,
+    bench_pairs,
+    flush_bench_redis,
+    latency_row,
+    parser,
+    prepare_postgres,
+    seed_rates,
+    summary,
+)
 
 UPSERT = """INSERT INTO exchange_rates (base, quote, rate, source, updated_at)
                VALUES ($1, $2, $3, $4, now())
@@ -70,20 +80,11 @@ async def run(smoke: bool, writes: int, out: str) -> Result:
         ["operation", "n", "p50 ms", "p99 ms", "max ms", "mean ms"],
     )
     so, sb = summary(ours), summary(bare)
-    for label, st, vals in [
-        ("bare asyncpg upsert (same SQL)", sb, bare),
-        ("PUT /v1/rates (commit + Redis delete + publish)", so, ours),
+    for label, vals in [
+        ("bare asyncpg upsert (same SQL)", bare),
+        ("PUT /v1/rates (commit + Redis delete + publish)", ours),
     ]:
-        res.row(
-            **{
-                "operation": label,
-                "n": st["n"],
-                "p50 ms": st["p50"],
-                "p99 ms": st["p99"],
-                "max ms": st["max"],
-                "mean ms": st["mean"],
-            }
-        )
+        res.row(**latency_row("operation", label, vals))
         res.sample(label, vals)
     res.check("PUT p99", so["p99"], sb["p99"], so["p99"] / sb["p99"], "≤ 5 ms", so["p99"] <= 5.0, "ms")
     res.check("PUT p50", so["p50"], sb["p50"], so["p50"] / sb["p50"], "(reported)", True, "ms")

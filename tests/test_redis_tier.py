@@ -159,15 +159,7 @@ async def test_health_check_interval_and_connection_timeout_reach_connections(re
 
 
 async def test_errors_are_translated_at_the_tier_boundary():
-    pool = ManagedPool.for_url(
-        "redis://127.0.0.1:1",
-        max_connections=2,
-        timeout=0.5,
-        socket_connect_timeout=0.5,
-        min_idle=0,
-        max_lifetime=10,
-        idle_timeout=10,
-    )
+    pool = make_pool("redis://127.0.0.1:1", max_connections=2, timeout=0.5, socket_connect_timeout=0.5)
     cache = RedisCache(aioredis.Redis(connection_pool=pool), pool)
     with pytest.raises(CacheUnavailable):
         await cache.get("v1:rate:A:B")
