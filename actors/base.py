@@ -1,13 +1,14 @@
 """A small actor: one mailbox, one owned task that processes messages in order, owned child tasks.
 
-* ``ask(msg)`` sends a message and awaits the reply; a handler's exception goes back to the asker.
-  A handler may return an awaitable (e.g. a shared in-flight load): the asker awaits it, shielded so that a
-  cancelled asker never cancels work other askers share.
+* ``ask(msg)`` sends a message and awaits the reply. A message that expects a reply subclasses :class:`Ask` with
+  its reply type (``class Load(Ask[Lookup])``), so ``ask`` is typed: callers never re-annotate. A handler's
+  exception goes back to the asker. A handler may return an awaitable (e.g. a shared in-flight load): the asker
+  awaits it, shielded so that a cancelled asker never cancels work other askers share.
 * ``tell(msg)`` sends without waiting.
 * ``stop()`` cancels the loop and every child task, awaits them, and fails every pending ask with
   :class:`ActorStopped`.
 
-Handlers run one at a time and must not block: long work goes to ``spawn`` and reports back by message.
+Handlers run one at a time and must not block: long work goes to ``spawn``.
 """
 
 from __future__ import annotations
@@ -17,16 +18,24 @@ import contextvars
 import inspect
 import logging
 from collections.abc import Awaitable, Coroutine
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 
 class ActorStopped(RuntimeError):
     """The actor was stopped (or never started) before it could answer."""
 
 
-_STOP = object()
+class Ask(Generic[R]):
+    """Base of a message that expects a reply of type ``R``."""
+
+    __slots__ = ()
+
+
+_Envelope = tuple[object, "asyncio.Future[Any] | None", "contextvars.Context | None"]
 
 
 class Actor:
@@ -35,9 +44,7 @@ class Actor:
     def __init__(self) -> None:
         # (message, reply, the asker's context: a handler runs in it, so its spans and spawned work join the
         # asker's trace)
-        self._mailbox: asyncio.Queue[tuple[Any, asyncio.Future[Any] | None, contextvars.Context | None]] = (
-            asyncio.Queue()
-        )
+        self._mailbox: asyncio.Queue[_Envelope] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._children: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -69,22 +76,22 @@ class Actor:
         """Hook: fail whatever the subclass keeps pending."""
 
     # ---- messaging
-    def tell(self, msg: Any) -> None:
+    def tell(self, msg: object) -> None:
         if self._stopping:
             return
         self._mailbox.put_nowait((msg, None, None))
 
-    async def ask(self, msg: Any) -> Any:
+    async def ask(self, msg: Ask[R]) -> R:
         if not self.running:
             raise ActorStopped(f"{self.name} is not running")
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._mailbox.put_nowait((msg, reply, contextvars.copy_context()))
         result = await reply
         if inspect.isawaitable(result):
-            return await asyncio.shield(result)
-        return result
+            return cast(R, await asyncio.shield(result))
+        return cast(R, result)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, R], name: str | None = None) -> asyncio.Task[R]:
         """Start a child task owned by this actor (cancelled and awaited by stop())."""
         task = asyncio.create_task(coro, name=name)
         self._children.add(task)
@@ -111,5 +118,5 @@ class Actor:
             if reply is not None and not reply.done():
                 reply.set_result(result)
 
-    def receive(self, msg: Any) -> Any | Awaitable[Any]:
+    def receive(self, msg: object) -> object | Awaitable[object]:
         raise NotImplementedError

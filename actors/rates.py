@@ -1,13 +1,16 @@
-"""Exchange rates and conversions: one actor, because a rate write must void every conversion of its pair."""
+"""Exchange rates and conversions: one actor, because a conversion is derived from its pair's rate.
+
+A conversion is computed from the rate as the rates actor reads it (L1, Redis or Postgres) and carries that rate
+value's generations: the coherence protocol never lets it outlive the rate (tiers.coherence, rule 1).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
-from actors.cache_actor import CacheActor, Lookup, Outcome, WriteResult
-from actors.invalidation import Invalidator
+from actors.cache_actor import CacheActor
+from actors.messages import Answer, Lookup
 from tiers import codec, keys
 from tiers.keys import CacheKey, Namespace
 from tiers.postgres import RatesOrigin, decimal_str
@@ -21,33 +24,15 @@ def convert(amount: Decimal, rate: Decimal) -> Decimal:
     return _EXACT.multiply(amount, rate).quantize(STELLAR_QUANTUM, rounding=ROUND_HALF_EVEN, context=_EXACT)
 
 
-# ---------------------------------------------------------------- messages
-
-
-@dataclass(frozen=True, slots=True)
-class PutRate:
-    base: str
-    quote: str
-    rate: Decimal
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteRate:
-    base: str
-    quote: str
-
-
 class RatesActor(CacheActor):
     name = "rates"
     namespaces = frozenset({Namespace.RATE, Namespace.CONVERSION})
 
-    def __init__(self, *, origin: RatesOrigin, invalidator: Invalidator, **kw: Any) -> None:
+    def __init__(self, *, origin: RatesOrigin, **kw: Any) -> None:
         super().__init__(**kw)
         self._origin = origin
-        self._invalidator = invalidator
 
-    async def origin(self, key: CacheKey) -> bytes | None:
+    async def origin(self, key: CacheKey) -> bytes | Answer | None:
         if key.namespace is Namespace.RATE:
             row = await self._origin.get_rate(*key.parts)
             return codec.dumps(row) if row is not None else None
@@ -55,16 +40,15 @@ class RatesActor(CacheActor):
         amount, from_, to = key.parts
         rate = await self.get(keys.rate(from_, to))
         if rate.negative:
-            return None
+            return Answer(codec.NEGATIVE, short=True, source=rate)
         value = Decimal(codec.loads(rate.body)["rate"])  # type: ignore[index]
-        return codec.dumps(
-            {
-                "from": from_,
-                "to": to,
-                "rate": decimal_str(value),
-                "result": decimal_str(convert(Decimal(amount), value)),
-            }
-        )
+        body = {
+            "from": from_,
+            "to": to,
+            "rate": decimal_str(value),
+            "result": decimal_str(convert(Decimal(amount), value)),
+        }
+        return Answer(codec.dumps(body), source=rate)
 
     async def warm_all(self, limit: int) -> int:
         """Cache warming: the most recently updated pairs."""
@@ -73,24 +57,14 @@ class RatesActor(CacheActor):
     async def conversion(self, amount: str, from_: str, to: str) -> Lookup:
         return await self.get(keys.conversion(amount, from_, to))
 
-    def receive_other(self, msg: Any) -> Any:
-        match msg:
-            case PutRate():
-                return self.spawn(self._put(msg), name="rates:put")
-            case DeleteRate():
-                return self.spawn(self._delete(msg), name="rates:delete")
-        return super().receive_other(msg)
+    # ---- writes: no actor state is involved (the coherence engine fences, Postgres commits), so no mailbox hop
+    async def put(self, base: str, quote: str, rate: Decimal, source: str) -> dict[str, Any]:
+        async with self.coherence.write([keys.rate(base, quote)]) as w:
+            row, w.outbox_id = await self._origin.upsert_rate(base, quote, rate, source, outbox=w.keys)
+        return row
 
-    async def _put(self, msg: PutRate) -> WriteResult:
-        row = await self._origin.upsert_rate(msg.base, msg.quote, msg.rate, msg.source)
-        return WriteResult(row, await self._invalidate_pair(msg.base, msg.quote))
-
-    async def _delete(self, msg: DeleteRate) -> WriteResult:
-        if not await self._origin.delete_rate(msg.base, msg.quote):
-            return WriteResult(None, None)
-        return WriteResult({}, await self._invalidate_pair(msg.base, msg.quote))
-
-    async def _invalidate_pair(self, base: str, quote: str) -> Outcome:
-        return await self._invalidator.invalidate(
-            keys=[keys.rate(base, quote).render()], patterns=[keys.conversions_of(base, quote)]
-        )
+    async def delete(self, base: str, quote: str) -> bool:
+        """True if the pair existed (and is now gone everywhere)."""
+        async with self.coherence.write([keys.rate(base, quote)]) as w:
+            deleted, w.outbox_id = await self._origin.delete_rate(base, quote, outbox=w.keys)
+        return deleted

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from actors.cache_actor import Answer, CacheActor, Outcome, Source
-from actors.invalidation import Invalidator
+from actors.cache_actor import CacheActor
+from actors.messages import Answer, Source
 from tiers import codec, keys
 from tiers.errors import OriginUnavailable
 from tiers.horizon import AccountsOrigin
@@ -90,47 +90,27 @@ def trustline_body(account_id: str, code: str, issuer: str, *, exists: bool, aut
     }
 
 
-# ---------------------------------------------------------------- messages (events)
-
-
-@dataclass(frozen=True, slots=True)
-class TransactionCompleted:
-    transaction_id: str
-    sender: str  # G... (already normalised)
-    receiver: str
-
-
-@dataclass(frozen=True, slots=True)
-class BalanceUpdated:
-    account_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class TrustlineCreated:
-    account_id: str
-    asset_code: str
-    asset_issuer: str
-    authorized: bool | None = None  # None: not told (answered as null until Horizon is asked again)
+# ---------------------------------------------------------------- events
 
 
 @dataclass(frozen=True, slots=True)
 class EventResult:
-    invalidated: tuple[str, ...]  # keys deleted in Redis and every L1
-    cached: tuple[str, ...]  # keys whose new value was written to Redis and announced to every instance
-    outcome: Outcome  # complete=False: Redis or the bus was unreachable; replayed when it returns
+    invalidated: tuple[str, ...]  # keys invalidated in Redis and every L1
+    cached: tuple[str, ...] = ()  # keys whose new value was written to Redis and announced to every instance
 
 
 # ---------------------------------------------------------------- actors
+#
+# Events touch no actor state: each is one coherence operation, answered once it is certain (no mailbox hop).
 
 
 class BalancesActor(CacheActor):
     name = "balances"
     namespaces = frozenset({Namespace.BALANCE})
 
-    def __init__(self, *, origin: AccountsOrigin, invalidator: Invalidator, **kw: Any) -> None:
+    def __init__(self, *, origin: AccountsOrigin, **kw: Any) -> None:
         super().__init__(**kw)
         self._origin = origin
-        self._invalidator = invalidator
 
     async def origin(self, key: CacheKey) -> bytes | None:
         account_id = key.parts[0]
@@ -139,29 +119,20 @@ class BalancesActor(CacheActor):
             return None
         return codec.dumps(balances_document(account_id, account))
 
-    def receive_other(self, msg: Any) -> Any:
-        match msg:
-            case TransactionCompleted(_, sender, receiver):
-                accounts = (sender,) if sender == receiver else (sender, receiver)
-                return self.spawn(self._invalidate(accounts), name="balances:transaction-completed")
-            case BalanceUpdated(account_id):
-                return self.spawn(self._invalidate((account_id,)), name="balances:balance-updated")
-        return super().receive_other(msg)
-
-    async def _invalidate(self, accounts: tuple[str, ...]) -> EventResult:
-        doomed = tuple(keys.balance(a).render() for a in accounts)
-        outcome = await self._invalidator.invalidate(keys=doomed)
-        return EventResult(doomed, (), outcome)
+    async def invalidate(self, *accounts: str) -> EventResult:
+        """transaction-completed (sender and receiver), balance-updated (one account)."""
+        doomed = [keys.balance(a) for a in dict.fromkeys(accounts)]
+        await self.coherence.invalidate(doomed)
+        return EventResult(tuple(k.rendered for k in doomed))
 
 
 class TrustlinesActor(CacheActor):
     name = "trustlines"
     namespaces = frozenset({Namespace.TRUSTLINE})
 
-    def __init__(self, *, balances: BalancesActor, invalidator: Invalidator, **kw: Any) -> None:
+    def __init__(self, *, balances: BalancesActor, **kw: Any) -> None:
         super().__init__(**kw)
         self._balances = balances
-        self._invalidator = invalidator
 
     async def origin(self, key: CacheKey) -> Answer | None:
         account_id, code, issuer = key.parts
@@ -175,16 +146,14 @@ class TrustlinesActor(CacheActor):
         body = trustline_document(codec.loads(lookup.body), account_id, code, issuer)  # type: ignore[arg-type]
         return Answer(codec.dumps(body), short=not body["exists"])
 
-    def receive_other(self, msg: Any) -> Any:
-        if isinstance(msg, TrustlineCreated):
-            return self.spawn(self._created(msg), name="trustlines:trustline-created")
-        return super().receive_other(msg)
-
-    async def _created(self, msg: TrustlineCreated) -> EventResult:
-        key = keys.trustline(msg.account_id, msg.asset_code, msg.asset_issuer)
-        body = trustline_body(msg.account_id, msg.asset_code, msg.asset_issuer, exists=True, authorized=msg.authorized)
-        cached = await self._invalidator.replace(key, codec.dumps(body))
-        balance = keys.balance(msg.account_id).render()
-        invalidated = await self._invalidator.invalidate(keys=[balance])
-        outcome = Outcome(invalidated.deleted, cached.complete and invalidated.complete)
-        return EventResult((balance,), (key.render(),), outcome)
+    async def created(
+        self, account_id: str, asset_code: str, asset_issuer: str, authorized: bool | None = None
+    ) -> EventResult:
+        """trustline-created: ``exists: true`` cached everywhere at once, the account's balance invalidated."""
+        key = keys.trustline(account_id, asset_code, asset_issuer)
+        body = trustline_body(account_id, asset_code, asset_issuer, exists=True, authorized=authorized)
+        dt = key.data_type
+        await self.coherence.replace(key, codec.dumps(body), self.policy.ttl_for(dt, False), self.policy.px(dt, False))
+        balance = keys.balance(account_id)
+        await self.coherence.invalidate([balance])
+        return EventResult((balance.rendered,), (key.rendered,))

@@ -161,8 +161,8 @@ class Checker:
                     got = decode_version(json.loads(body).get("rate"))
                     if got != version:
                         status = "200 wrong-value"
-                    elif resp.headers.get("X-Invalidation") == "deferred":
-                        status = "200 deferred"
+                elif resp.status == 503 and b"invalidation-unavailable" in body:
+                    status = "503 refused"  # nothing changed: no read is judged against it
                 elif resp.status >= 500:
                     self.poisoned.add(key)  # it may have committed: never race it with a newer write
         except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as err:

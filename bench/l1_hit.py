@@ -28,25 +28,27 @@ KEYS = 1000
 BODY = b'{"base":"%s","quote":"USD","rate":"0.00065","source":"bench","updated_at":"2026-01-01T00:00:00.000000Z"}'
 
 
-def make_actor() -> Any:
-    from actors.invalidation import Invalidator
+def make_actor(store: Any = None, max_entries: int | None = None) -> Any:
+    """A rates actor as the composition root builds it (no Postgres: benchmarks install or fill its values)."""
     from actors.rates import RatesActor
     from actors.stats import Stats
-    from service.app import build_policy
+    from service.app import build_policy, coherence_config
     from service.config import load_settings
+    from tiers.coherence import Coherence
     from tiers.l1 import L1
 
     settings = load_settings(ROOT / "config.toml", {"REDIS_URL": "none", "DATABASE_URL": "postgresql://x@127.0.0.1/x"})
     stats = Stats()
-    l1 = L1(settings.l1.max_entries, settings.l1.max_ttl)
-    return RatesActor(
-        origin=None,
-        invalidator=Invalidator(None, stats),
-        l1=l1,
-        l2=None,  # type: ignore[arg-type]
-        policy=build_policy(settings),
-        stats=stats,
-    )
+    l1 = L1(max_entries or settings.l1.max_entries, settings.l1.max_ttl, bound=settings.coherence.bound)
+    coherence = Coherence(coherence_config(settings), l1=l1, store=store, count=stats.inc)
+    return RatesActor(origin=None, l1=l1, coherence=coherence, policy=build_policy(settings), stats=stats)
+
+
+def install(actor: Any, key: Any, body: bytes, ttl: float = 90.0) -> bool:
+    """Setup only: put the entry a load would install into the actor's L1."""
+    now = time.time()
+    entry = actor.read_through._entry(body, now, ttl, now + ttl, False, "", "")
+    return bool(actor.l1.install(actor.read_through.ticket(key), entry))
 
 
 async def timed(fn: Any, n: int, repeats: int) -> list[float]:
@@ -76,7 +78,7 @@ async def run(smoke: bool, n: int, repeats: int, out: str) -> Result:
     actor = make_actor()
     await actor.start()
     for k, b in zip(ckeys, bodies, strict=True):
-        assert actor._install(k, b)  # setup only: the same entry a load would install
+        assert install(actor, k, b)  # setup only: the same entry a load would install
     ttl = TTLCache(maxsize=10000, ttl=90)
     tlru = TLRUCache(maxsize=10000, ttu=lambda _k, _v, now: now + 90)
     for r, b in zip(rendered, bodies, strict=True):

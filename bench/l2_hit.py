@@ -29,20 +29,26 @@ async def run(smoke: bool, n: int, repeats: int, out: str) -> Result:
     import redis.asyncio as aioredis
 
     from tiers import codec, keys
+    from tiers.coherence.redis_store import IncarnationGuard, RedisStore
     from tiers.l2 import RedisCache
 
     await flush_bench_redis()
-    client = aioredis.Redis.from_url(REDIS_URL, max_connections=20)
+    guard = IncarnationGuard()
+    client = aioredis.Redis.from_url(REDIS_URL, max_connections=20, redis_connect_func=guard.on_connect)
     cache = RedisCache(client, op_timeout=0.5)
-    actor = make_actor()
-    actor.l2 = cache
-    actor.l1.set_mode("off")  # L1 serves nothing: every read goes to the actor and Redis
+    store = RedisStore(cache, guard, channel="bench:l2_hit", subscriber=client, gen_ttl=3600)
+    actor = make_actor(store)
+    actor.l1.bound = 0.0  # L1 serves nothing (no bus lease, no fetch young enough): every read goes to Redis
     await actor.start()
+    await client.ping()  # the handshake has read the incarnation
     codes = ["CNGN"] + [f"B{i:05d}" for i in range(KEYS - 1)]
     ckeys = [keys.rate(c, "USD") for c in codes]
     rendered = [k.render() for k in ckeys]
     now_ms = int(time.time() * 1000)
-    packed = [codec.pack(BODY % c.encode(), now_ms + 3_600_000, now_ms) for c in codes]
+    packed = [
+        codec.pack(BODY % c.encode(), now_ms + 3_600_000, now_ms, incarnation=guard.incarnation, gens="1")
+        for c in codes
+    ]
     for r, p in zip(rendered, packed, strict=True):
         await client.set(r, p, px=3_600_000)
     first = await actor.get(ckeys[0])
@@ -52,14 +58,14 @@ async def run(smoke: bool, n: int, repeats: int, out: str) -> Result:
         await client.get(rendered[i % KEYS])
 
     async def tier_read(i: int) -> None:
-        await cache.read(rendered[i % KEYS])
+        await store.read(rendered[i % KEYS], (rendered[i % KEYS],))
 
     async def actor_get(i: int) -> None:
         await actor.get(ckeys[i % KEYS])
 
     contenders = [
         ("raw redis.asyncio GET", raw_get),
-        ("RedisCache.read (tier only)", tier_read),
+        ("RedisStore.read (tier only)", tier_read),
         ("await actor.get(key), L1 off", actor_get),
     ]
     lat: dict[str, list[float]] = {name: [] for name, _ in contenders}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -90,28 +89,26 @@ KINDS = ["exchange_rate", "conversion", "fee_structure", "wallet_balance", "trus
 
 
 def measure(kind: str, entries: int) -> dict[str, Any]:
-    from bench.l1_hit import make_actor
-    from tiers.keys import group_of
+    from bench.l1_hit import install, make_actor
 
-    actor = make_actor()
+    actor = make_actor(max_entries=entries)
     items = [bodies(kind, i) for i in range(5 * entries)]
-    rendered = [(k.render(), b, group_of(k)) for k, b in items]
+    rendered = [(k.render(), b, k) for k, b in items]
     payload = sum(len(r) + len(b) for r, b, _ in rendered[:entries]) / entries
     ttl = 90.0
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    now = time.time()
-    for r, b, g in rendered[:entries]:
-        actor.l1.put(r, actor._entry(b, now, ttl, now + ttl, g))
+    for _r, b, k in rendered[:entries]:
+        install(actor, k, b, ttl)
     gc.collect()
     full = tracemalloc.get_traced_memory()[0] - base
-    for r, b, g in rendered[entries : 3 * entries]:
-        actor.l1.put(r, actor._entry(b, now, ttl, now + ttl, g))
+    for _r, b, k in rendered[entries : 3 * entries]:
+        install(actor, k, b, ttl)
     gc.collect()
     after = tracemalloc.get_traced_memory()[0] - base
-    for r, b, g in rendered[3 * entries :]:
-        actor.l1.put(r, actor._entry(b, now, ttl, now + ttl, g))
+    for _r, b, k in rendered[3 * entries :]:
+        install(actor, k, b, ttl)
     gc.collect()
     after2 = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
@@ -154,33 +151,18 @@ def run(smoke: bool, entries: int | None, out: str) -> Result:
             "bounded",
         ],
     )
-    import bench.l1_hit as l1h
-
-    orig = l1h.make_actor
-
-    def sized() -> Any:
-        a = orig()
-        from tiers.l1 import L1
-
-        a.l1 = L1(n, a.l1.max_ttl)
-        return a
-
-    l1h.make_actor = sized
-    try:
-        for kind in KINDS:
-            row = measure(kind, n)
-            res.rows.append(row)
-            res.check(
-                f"bounded, {kind}",
-                row["entries"],
-                n,
-                row["growth after 5× keys"],
-                "size = max_entries, plateau",
-                row["bounded"],
-                "entries",
-            )
-    finally:
-        l1h.make_actor = orig
+    for kind in KINDS:
+        row = measure(kind, n)
+        res.rows.append(row)
+        res.check(
+            f"bounded, {kind}",
+            row["entries"],
+            n,
+            row["growth after 5× keys"],
+            "size = max_entries, plateau",
+            row["bounded"],
+            "entries",
+        )
     res.meta.update(max_entries=n, configured_max_entries=configured)
     res.write(out)
     return res

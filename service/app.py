@@ -1,4 +1,4 @@
-"""The composition root: builds pools, tiers, actors and the bus from one frozen Settings object.
+"""The composition root: builds pools, tiers, the coherence engine and actors from one frozen Settings object.
 
 Each resource has one cleanup context (aiohttp runs them in order at start-up and in reverse at shutdown);
 every background task is owned here, cancelled and awaited at shutdown. Nothing happens at import time.
@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from actors.cache_actor import CacheActor, Policy
+from actors.cache_actor import CacheActor
 from actors.fees import FeesActor
 from actors.health import HealthProbe
-from actors.invalidation import Invalidator, L1Trust
 from actors.rates import RatesActor
+from actors.read_through import Policy
 from actors.stats import Stats
 from actors.wallets import BalancesActor, TrustlinesActor
 from service import appkeys as K
@@ -31,10 +33,10 @@ from service.metrics import Metrics
 from service.routes import setup_routes
 from tiers import horizon, postgres
 from tiers.breaker import Breaker
-from tiers.breaker import State as BreakerState
-from tiers.bus import InvalidationBus
+from tiers.coherence import Coherence, CoherenceConfig
+from tiers.coherence.outbox import PgOutbox
+from tiers.coherence.redis_store import IncarnationGuard, RedisStore
 from tiers.errors import OriginError
-from tiers.keys import namespace_of
 from tiers.l1 import L1
 from tiers.l2 import RedisCache
 from tiers.redis_pool import ManagedPool
@@ -53,7 +55,9 @@ def create_app(settings: Settings) -> web.Application:
     logs.register_url(settings.postgres.url)
     logs.register_url(settings.redis.url)
     app.on_shutdown.append(_draining)
-    app.cleanup_ctx.extend([telemetry_ctx, postgres_ctx, redis_ctx, horizon_ctx, actors_ctx, bus_ctx, lifecycle_ctx])
+    app.cleanup_ctx.extend(
+        [telemetry_ctx, postgres_ctx, redis_ctx, horizon_ctx, actors_ctx, coherence_ctx, lifecycle_ctx]
+    )
     setup_routes(app)
     return app
 
@@ -124,6 +128,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     embedded = EmbeddedRedis(app[K.SETTINGS].server.data_dir) if s.embedded else None
     url = embedded.start() if embedded else s.url
+    # every new connection checks the server's incarnation before its first command (tiers.coherence, rule 6)
+    incarnation = IncarnationGuard()
     pool = ManagedPool.for_url(
         url,
         max_connections=s.max_connections,
@@ -134,6 +140,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         min_idle=s.min_idle,
         max_lifetime=s.max_lifetime,
         idle_timeout=s.idle_timeout,
+        redis_connect_func=incarnation.on_connect,
     )
     client = aioredis.Redis(connection_pool=pool)
     app[K.TELEMETRY].instrument_redis(client)
@@ -144,7 +151,15 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         )
     )
     cache = RedisCache(client, pool, breaker=breaker, op_timeout=s.op_timeout)
-    app[K.REDIS] = K.RedisHandles(url, cache, pool, breaker)
+    # the subscriber has its own connection, outside the request pool, and no retries: every loss must surface
+    subscriber = aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=s.connection_timeout,
+        socket_timeout=None,
+        retry=Retry(NoBackoff(), 0),
+        redis_connect_func=incarnation.on_connect,
+    )
+    app[K.REDIS] = K.RedisHandles(url, cache, pool, breaker, incarnation, subscriber)
     log.info("redis at %s (pool %d, min idle %d)", redact_url(url), s.max_connections, s.min_idle)
     maintenance = asyncio.create_task(_maintain_pool(pool, s.idle_timeout), name="redis-pool-maintenance")
     try:
@@ -153,6 +168,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await cancel_and_wait(maintenance)
         with contextlib.suppress(TimeoutError, RedisError, OSError):
             async with asyncio.timeout(5):
+                await subscriber.aclose()
                 await client.aclose()
                 await pool.disconnect()
         if embedded:
@@ -189,7 +205,7 @@ async def horizon_ctx(app: web.Application) -> AsyncIterator[None]:
                 await origin.close()
 
 
-# ---------------------------------------------------------------- tiers and actors
+# ---------------------------------------------------------------- coherence, tiers and actors
 
 
 def build_policy(s: Settings) -> Policy:
@@ -203,32 +219,64 @@ def build_policy(s: Settings) -> Policy:
     )
 
 
+def coherence_config(s: Settings) -> CoherenceConfig:
+    c = s.coherence
+    longest = max(s.ttl[dt] + s.max_stale.get(dt, 0) for dt in s.ttl)
+    return CoherenceConfig(
+        channel=s.redis.channel,
+        instance_id=s.server.instance_id,
+        bound=c.bound,
+        ping_interval=c.ping_interval,
+        dead_after=c.dead_after,
+        fence_ttl=c.fence_ttl,
+        lease_ttl=c.lease_ttl,
+        gen_ttl=longest + c.lease_ttl,  # a bumped generation outlives every value it can guard
+        reconnect_max=2.0,
+        outbox_sweep=c.outbox_sweep,
+        outbox_grace=c.outbox_grace,
+    )
+
+
 async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[K.SETTINGS]
     stats = Stats()
-    l1 = L1(s.l1.max_entries, s.l1.max_ttl)
     handles = app[K.REDIS]
-    l2 = handles.cache
-    # with Redis, L1 is trusted only once the invalidation subscriber is subscribed
-    trust = L1Trust(l1, degraded_ttl=s.l1.degraded_ttl, has_redis=l2 is not None)
-    if handles.breaker is not None:
-        handles.breaker.subscribe(lambda _old, new: trust.update(redis_ok=new is BreakerState.CLOSED))
-    invalidator = Invalidator(l2, stats)
+    l1 = L1(s.l1.max_entries, s.l1.max_ttl, bound=s.coherence.bound)
+    config = coherence_config(s)
+    store = None
+    if handles.cache is not None and handles.incarnation is not None and handles.subscriber is not None:
+        store = RedisStore(
+            handles.cache,
+            handles.incarnation,
+            channel=config.channel,
+            subscriber=handles.subscriber,
+            gen_ttl=config.gen_ttl,
+        )
     tel = app[K.TELEMETRY]
-    invalidator.trace_fields = tel.inject
-    common = {"l1": l1, "l2": l2, "policy": build_policy(s), "stats": stats}
+    coherence = Coherence(
+        config,
+        l1=l1,
+        store=store,
+        outbox=PgOutbox(app[K.PG_POOL], acquire_timeout=s.postgres.connect_timeout),
+        count=stats.inc,
+        trace=tel if tel.enabled else None,
+    )
+    if handles.incarnation is not None:
+        handles.incarnation.subscribe(coherence.on_incarnation)
+    if handles.breaker is not None:
+        breaker = handles.breaker
+        coherence.on_session = breaker.probe_now  # the subscriber reached Redis: probe it now rather than later
+    common = {"l1": l1, "coherence": coherence, "policy": build_policy(s), "stats": stats, "tracer": tel.tracer}
     origin = app[K.PG_ORIGIN]
-    rates = RatesActor(origin=origin, invalidator=invalidator, **common)
-    fees = FeesActor(origin=origin, invalidator=invalidator, **common)
-    balances = BalancesActor(origin=app[K.HORIZON], invalidator=invalidator, **common)
-    trustlines = TrustlinesActor(balances=balances, invalidator=invalidator, **common)
+    rates = RatesActor(origin=origin, **common)
+    fees = FeesActor(origin=origin, **common)
+    balances = BalancesActor(origin=app[K.HORIZON], **common)
+    trustlines = TrustlinesActor(balances=balances, **common)
     actors: list[CacheActor] = [rates, fees, balances, trustlines]
     for actor in actors:
-        actor.tracer = tel.tracer  # None unless spans are recorded: the L1-hit path then makes none
-        invalidator.register(actor)
         await actor.start()
-    app[K.STATS], app[K.L1_CACHE], app[K.INVALIDATOR], app[K.L1_TRUST] = stats, l1, invalidator, trust
-    app[K.HEALTH] = HealthProbe(app[K.PG_ORIGIN], l2)
+    app[K.STATS], app[K.L1_CACHE], app[K.COHERENCE] = stats, l1, coherence
+    app[K.HEALTH] = HealthProbe(app[K.PG_ORIGIN], handles.cache, coherence if store is not None else None)
     app[K.RATES], app[K.FEES] = rates, fees
     app[K.BALANCES], app[K.TRUSTLINES] = balances, trustlines
     try:
@@ -238,70 +286,21 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
             await actor.stop()
 
 
-# ---------------------------------------------------------------- invalidation bus
+# ---------------------------------------------------------------- the coherence engine's background work
 
 
-async def bus_ctx(app: web.Application) -> AsyncIterator[None]:
-    s = app[K.SETTINGS]
-    handles = app[K.REDIS]
-    if handles.cache is None or handles.url is None:
-        yield
-        return
-    invalidator, stats, trust = app[K.INVALIDATOR], app[K.STATS], app[K.L1_TRUST]
-    tel = app[K.TELEMETRY]
-
-    async def on_message(keys: tuple[str, ...], patterns: tuple[str, ...], msg: dict[str, object]) -> None:
-        with tel.eviction_span(msg, keys, patterns):  # linked to the writer's span (trace context in the message)
-            for name in (*keys, *patterns):
-                ns = namespace_of(name)
-                if ns is not None:
-                    stats.inc(ns.data_type, "invalidations_received")
-            await invalidator.apply_local(keys, patterns)
-
-    async def on_gap() -> None:
-        trust.update(subscribed=False)  # at once: nothing L1 holds can be trusted across the gap
-
-    async def on_subscribed() -> None:
-        if handles.breaker is not None:
-            handles.breaker.probe_now()  # the subscriber reached Redis: probe it now rather than later
-        await invalidator.replay_pending()  # our own deferred writes first, so L1 cannot refill them stale
-        # cleared again: loads that straddled the gap never fill
-        trust.update(subscribed=True, pending=bool(invalidator.pending), force=True)
-
-    # the subscriber has its own connection, outside the request pool
-    sub_client = aioredis.Redis.from_url(
-        handles.url,
-        socket_connect_timeout=s.redis.connection_timeout,
-        socket_timeout=None,
-        single_connection_client=False,
-    )
-    bus = InvalidationBus(
-        handles.cache.client,
-        subscriber=sub_client,
-        channel=s.redis.channel,
-        instance_id=s.server.instance_id,
-        on_message=on_message,
-        on_gap=on_gap,
-        on_subscribed=on_subscribed,
-        heartbeat=s.coherence.heartbeat,
-        publish_timeout=s.redis.op_timeout,
-    )
-    invalidator.bus = bus
-    app[K.HEALTH].bus = bus
-    invalidator.on_pending = lambda pending: trust.update(pending=pending)
-    app[K.BUS] = bus
-    task = asyncio.create_task(bus.run(), name="invalidation-subscriber")
-    replayer = asyncio.create_task(invalidator.run_replayer(), name="invalidation-replayer")
+async def coherence_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The bus subscriber (L1's trust lease) and the outbox sweeper: owned here, cancelled and awaited."""
+    coherence = app[K.COHERENCE]
+    tasks = [
+        asyncio.create_task(coherence.run_bus(), name="coherence-bus"),
+        asyncio.create_task(coherence.run_outbox(), name="coherence-outbox"),
+    ]
     try:
         yield
     finally:
-        invalidator.bus = None
-        invalidator.on_pending = None
-        await cancel_and_wait(replayer)
-        await cancel_and_wait(task)
-        with contextlib.suppress(TimeoutError, RedisError, OSError):
-            async with asyncio.timeout(5):
-                await sub_client.aclose()
+        for task in tasks:
+            await cancel_and_wait(task)
 
 
 # ---------------------------------------------------------------- lifecycle
@@ -329,10 +328,11 @@ async def _warm_then_ready(app: web.Application) -> None:
     try:
         if s.warm_limit > 0:
             started = time.monotonic()
-            if K.BUS in app:  # L1 is trusted (and kept) only once subscribed: warm after that, if it comes soon
+            coherence = app[K.COHERENCE]
+            if coherence.store is not None:  # a new bus session empties L1: warm after it, if it comes soon
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(2.0, s.warm_timeout)):
-                        await app[K.BUS].connected_event.wait()
+                        await coherence.connected.wait()
             async with asyncio.timeout(s.warm_timeout):
                 rates = await app[K.RATES].warm_all(s.warm_limit)
                 fees = await app[K.FEES].warm_all(s.warm_limit)

@@ -6,12 +6,12 @@ import enum
 from dataclasses import dataclass, field
 
 import asyncpg
+import redis.asyncio
 from aiohttp import web
 from opentelemetry.sdk.trace import SpanProcessor
 
 from actors.fees import FeesActor
 from actors.health import HealthProbe
-from actors.invalidation import Invalidator, L1Trust
 from actors.rates import RatesActor
 from actors.stats import Stats
 from actors.wallets import BalancesActor, TrustlinesActor
@@ -19,7 +19,8 @@ from service.config import Settings
 from service.metrics import Metrics
 from service.telemetry import Telemetry
 from tiers.breaker import Breaker
-from tiers.bus import InvalidationBus
+from tiers.coherence import Coherence
+from tiers.coherence.redis_store import IncarnationGuard
 from tiers.horizon import HorizonOrigin
 from tiers.l1 import L1
 from tiers.l2 import RedisCache
@@ -47,6 +48,8 @@ class RedisHandles:
     cache: RedisCache | None
     pool: ManagedPool | None
     breaker: Breaker | None = None
+    incarnation: IncarnationGuard | None = None
+    subscriber: redis.asyncio.Redis | None = None
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -57,14 +60,12 @@ PG_ORIGIN = web.AppKey("pg_origin", PostgresOrigin)
 REDIS = web.AppKey("redis", RedisHandles)
 L1_CACHE = web.AppKey("l1", L1)
 STATS = web.AppKey("stats", Stats)
-INVALIDATOR = web.AppKey("invalidator", Invalidator)
-L1_TRUST = web.AppKey("l1_trust", L1Trust)
+COHERENCE = web.AppKey("coherence", Coherence)
 RATES = web.AppKey("rates", RatesActor)
 FEES = web.AppKey("fees", FeesActor)
 HORIZON = web.AppKey("horizon", HorizonOrigin)
 BALANCES = web.AppKey("balances", BalancesActor)
 TRUSTLINES = web.AppKey("trustlines", TrustlinesActor)
-BUS = web.AppKey("bus", InvalidationBus)
 HEALTH = web.AppKey("health", HealthProbe)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 METRICS = web.AppKey("metrics", Metrics)

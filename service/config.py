@@ -98,15 +98,19 @@ class HorizonSettings:
 class L1Settings:
     max_entries: int
     max_ttl: float
-    degraded_ttl: float
 
 
 @dataclass(frozen=True, slots=True)
 class CoherenceSettings:
-    heartbeat: float
+    bound: float
+    ping_interval: float
+    dead_after: float
+    fence_ttl: float
     lease_ttl: float
     lease_wait: float
     refresh_ahead: float
+    outbox_sweep: float
+    outbox_grace: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,8 +279,12 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         url=_url("DATABASE_URL", _pick(p, "url", env, "DATABASE_URL", "postgres.url"), ("postgres", "postgresql")),
         min_size=pg_min,
         max_size=pg_max,
-        command_timeout=_float("postgres.command_timeout", _pick(p, "command_timeout", env, None, "x")),
-        connect_timeout=_float("postgres.connect_timeout", _pick(p, "connect_timeout", env, None, "x")),
+        command_timeout=_float(
+            "postgres.command_timeout", _pick(p, "command_timeout", env, None, "postgres.command_timeout")
+        ),
+        connect_timeout=_float(
+            "postgres.connect_timeout", _pick(p, "connect_timeout", env, None, "postgres.connect_timeout")
+        ),
     )
 
     def rv(key: str, env_name: str | None) -> Any:
@@ -321,7 +329,6 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
             "L1_MAX_ENTRIES", _pick(l1, "max_entries", env, "L1_MAX_ENTRIES", "l1.max_entries"), minimum=1
         ),
         max_ttl=_float("L1_MAX_TTL", _pick(l1, "max_ttl", env, "L1_MAX_TTL", "l1.max_ttl")),
-        degraded_ttl=_float("l1.degraded_ttl", _pick(l1, "degraded_ttl", env, None, "l1.degraded_ttl"), positive=False),
     )
 
     ttl: dict[DataType, float] = {}
@@ -335,14 +342,27 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     negative = _per_type("negative_ttl", neg_doc)
     max_stale = _per_type("max_stale", _section(doc, "max_stale"), positive=False)
     c = _section(doc, "coherence")
+
+    def cv(key: str, *, positive: bool = True) -> float:
+        return _float(f"coherence.{key}", _pick(c, key, env, None, f"coherence.{key}"), positive=positive)
+
     coherence = CoherenceSettings(
-        heartbeat=_float("coherence.heartbeat", _pick(c, "heartbeat", env, None, "coherence.heartbeat")),
-        lease_ttl=_float("coherence.lease_ttl", _pick(c, "lease_ttl", env, None, "coherence.lease_ttl")),
-        lease_wait=_float("coherence.lease_wait", _pick(c, "lease_wait", env, None, "coherence.lease_wait")),
-        refresh_ahead=_float(
-            "coherence.refresh_ahead", _pick(c, "refresh_ahead", env, None, "coherence.refresh_ahead"), positive=False
-        ),
+        bound=cv("bound"),
+        ping_interval=cv("ping_interval"),
+        dead_after=cv("dead_after"),
+        fence_ttl=cv("fence_ttl"),
+        lease_ttl=cv("lease_ttl"),
+        lease_wait=cv("lease_wait"),
+        refresh_ahead=cv("refresh_ahead", positive=False),
+        outbox_sweep=cv("outbox_sweep"),
+        outbox_grace=cv("outbox_grace"),
     )
+    if coherence.ping_interval >= coherence.bound:
+        raise ConfigError("coherence.ping_interval: must be below coherence.bound (the lease is renewed by pings)")
+    if coherence.fence_ttl < 3 * postgres.command_timeout:
+        raise ConfigError(
+            "coherence.fence_ttl: must be at least 3 x postgres.command_timeout (a fence outlives any write)"
+        )
 
     otel = {k: v for k, v in env.items() if k.startswith("OTEL_")}
     return Settings(

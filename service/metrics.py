@@ -7,7 +7,6 @@ prometheus Histogram (route template, method, status class), and runs the tracin
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -25,6 +24,7 @@ from actors.stats import COUNTERS
 from actors.stats import Histogram as StatsHistogram
 from service import appkeys as K
 from service.problems import answer_failure, guarded
+from tiers.coherence.redis_store import RedisStore
 
 L1_SAMPLE = 256  # entries read to estimate L1 bytes (bounded scrape cost)
 ENTRY_OVERHEAD = 232  # bytes per L1 entry besides key and body: Entry object, cache links, dict slot (approx.)
@@ -58,15 +58,11 @@ def breaker_state(app: web.Application) -> str:
 def l1_bytes(app: web.Application) -> int:
     """Approximate L1 bytes: mean (key + body + overhead) of up to L1_SAMPLE entries, times the entry count."""
     l1 = app[K.L1_CACHE]
-    cache = l1._cache
-    n = len(cache)
+    n = len(l1)
     if not n:
         return 0
     total = seen = 0
-    for key in list(itertools.islice(iter(cache), L1_SAMPLE)):
-        entry = cache.get(key)
-        if entry is None:
-            continue
+    for key, entry in l1.items_sample(L1_SAMPLE):
         total += len(key) + len(entry.body) + ENTRY_OVERHEAD
         seen += 1
     return round(total / seen * n) if seen else 0
@@ -88,7 +84,8 @@ def snapshot(app: web.Application) -> dict[str, Any]:
     l1 = app[K.L1_CACHE]
     redis = app[K.REDIS]
     pool = redis.pool
-    bus = app.get(K.BUS)
+    co = app[K.COHERENCE]
+    bus = co.store is not None
     return {
         "instance": app[K.SETTINGS].server.instance_id,
         "types": types,
@@ -107,15 +104,21 @@ def snapshot(app: web.Application) -> dict[str, Any]:
         },
         "breaker": {"state": breaker_state(app)},
         "subscriber": {
-            "enabled": bus is not None,
-            "subscribed": bool(bus is not None and bus.subscribed),
-            "gaps": bus.gaps if bus else 0,
-            "seq_gaps": bus.seq_gaps if bus else 0,
-            "reconnects": bus.reconnects if bus else 0,
-            "received": bus.received if bus else 0,
-            "echoes_skipped": bus.echoes_skipped if bus else 0,
+            "enabled": bus,
+            "subscribed": co.subscribed,
+            "sessions": co.sessions,
+            "seq_gaps": co.seq_gaps,
+            "reconnects": co.reconnects,
+            "received": co.received,
+            "echoes_skipped": co.echoes_skipped,
+            "lease_lapses": co.lease_lapses,
         },
-        "invalidations_pending": len(app[K.INVALIDATOR].pending),
+        "coherence": {
+            "bound_seconds": co.config.bound,
+            "l1_epochs": l1.epochs,
+            "incarnation_changes": co.store.guard.changes if isinstance(co.store, RedisStore) else 0,
+            "outbox_applied": co.outbox_applied,
+        },
     }
 
 
@@ -178,7 +181,11 @@ class StatsCollector(Collector):
         yield GaugeMetricFamily(
             "aframp_l1_bytes", "Approximate L1 size in bytes (sampled estimate)", value=l1["approx_bytes"]
         )
-        yield GaugeMetricFamily("aframp_l1_serving", "1 while L1 answers reads", value=int(l1["serving"]))
+        yield GaugeMetricFamily(
+            "aframp_l1_serving",
+            "1 while L1's trust lease is valid (entries served past the coherence bound after their fetch)",
+            value=int(l1["serving"]),
+        )
 
         r = snap["redis"]
         yield GaugeMetricFamily(
@@ -209,15 +216,28 @@ class StatsCollector(Collector):
             "aframp_invalidation_subscriber_reconnects", "Subscriber reconnect attempts", value=sub["reconnects"]
         )
         yield CounterMetricFamily(
-            "aframp_invalidation_subscriber_gaps", "Subscriptions lost (L1 cleared)", value=sub["gaps"]
+            "aframp_invalidation_subscriber_sessions",
+            "Subscriber sessions started (each empties L1)",
+            value=sub["sessions"],
+        )
+        yield CounterMetricFamily(
+            "aframp_invalidation_seq_gaps", "Messages lost within a session (each empties L1)", value=sub["seq_gaps"]
         )
         yield CounterMetricFamily(
             "aframp_invalidation_messages_received", "Invalidation messages from peers", value=sub["received"]
         )
-        yield GaugeMetricFamily(
-            "aframp_invalidations_pending",
-            "Invalidations deferred until Redis returns",
-            value=snap["invalidations_pending"],
+        yield CounterMetricFamily(
+            "aframp_l1_lease_lapses", "Times L1's trust lease lapsed and was renewed", value=sub["lease_lapses"]
+        )
+        co = snap["coherence"]
+        yield CounterMetricFamily("aframp_l1_epochs", "New L1 epochs (L1 emptied)", value=co["l1_epochs"])
+        yield CounterMetricFamily(
+            "aframp_redis_incarnation_changes", "Redis restarts/failovers detected", value=co["incarnation_changes"]
+        )
+        yield CounterMetricFamily(
+            "aframp_outbox_applied",
+            "Outbox rows applied for writers that never settled them",
+            value=co["outbox_applied"],
         )
 
 

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from actors.base import ActorStopped
+from tiers.coherence import WriteUnavailable
 from tiers.errors import Conflict, OriginError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,16 @@ def answer_failure(request: web.Request, exc: Exception) -> web.StreamResponse:
         return from_origin_error(err)
     except Conflict as err:
         return problem_response(409, "conflict", "Conflict", str(err))
+    except WriteUnavailable as err:
+        log.warning("write refused: %s", err, extra={"event": "write_refused"})
+        return problem_response(
+            503,
+            "invalidation-unavailable",
+            "Invalidation unavailable",
+            "nothing was changed: this instance cannot reach Redis to invalidate every instance's copy first; "
+            "retry (another instance, or shortly)",
+            {"Retry-After": "1"},
+        )
     except ActorStopped:
         return problem_response(503, "draining", "Shutting down", "this instance is stopping; retry another")
     except web.HTTPException as exc:

@@ -11,10 +11,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from actors.cache_actor import Lookup, Outcome, Source, WriteResult
-from actors.fees import PutFee
-from actors.rates import DeleteRate, PutRate
-from actors.wallets import BalanceUpdated, EventResult, TransactionCompleted, TrustlineCreated
+from actors.fees import Fee
+from actors.messages import Lookup, Source
+from actors.wallets import EventResult
 from service import appkeys as K
 from service import validation as v
 from service.metrics import metrics_handler, observed, snapshot
@@ -53,12 +52,6 @@ def require_admin(request: web.Request) -> None:
             "send Authorization: Bearer <ADMIN_TOKEN>",
             headers={"WWW-Authenticate": 'Bearer realm="aframp-cache"'},
         )
-
-
-def write_headers(outcome: Outcome | None) -> dict[str, str]:
-    if outcome is not None and not outcome.complete:
-        return {"X-Invalidation": "deferred"}
-    return {}
 
 
 # ---------------------------------------------------------------- rates
@@ -101,18 +94,17 @@ async def put_rate(request: web.Request) -> web.Response:
     body = await v.json_object(request, allowed={"rate", "source"}, required={"rate"})
     rate = v.positive_decimal(body["rate"], "rate")
     source = v.source(body.get("source"))
-    result: WriteResult = await request.app[K.RATES].ask(PutRate(base, quote, rate, source))
-    return web.Response(body=orjson.dumps(result.value), content_type=JSON, headers=write_headers(result.invalidation))
+    row = await request.app[K.RATES].put(base, quote, rate, source)
+    return web.Response(body=orjson.dumps(row), content_type=JSON)
 
 
 async def delete_rate(request: web.Request) -> web.Response:
     require_admin(request)
     base = v.currency(request.match_info["base"], "base")
     quote = v.currency(request.match_info["quote"], "quote")
-    result: WriteResult = await request.app[K.RATES].ask(DeleteRate(base, quote))
-    if result.value is None:
+    if not await request.app[K.RATES].delete(base, quote):
         raise not_found(f"no exchange rate for {base}/{quote}")
-    return web.Response(status=204, headers=write_headers(result.invalidation))
+    return web.Response(status=204)
 
 
 # ---------------------------------------------------------------- fees
@@ -129,7 +121,7 @@ async def put_fee(request: web.Request) -> web.Response:
     fee_type = v.fee_type(request.match_info["fee_type"])
     fields = {"rate_bps", "flat", "min", "max", "currency"}
     body = await v.json_object(request, allowed=fields, required=fields)
-    msg = PutFee(
+    fee = Fee(
         fee_type=fee_type,
         rate_bps=v.rate_bps(body["rate_bps"]),
         flat=v.non_negative_decimal(body["flat"], "flat"),
@@ -137,10 +129,10 @@ async def put_fee(request: web.Request) -> web.Response:
         max=v.non_negative_decimal(body["max"], "max"),
         currency=v.currency(body["currency"] if isinstance(body["currency"], str) else "", "currency"),
     )
-    if msg.min > msg.max:
+    if fee.min > fee.max:
         raise bad_request("min: must not exceed max", "invalid-body")
-    result: WriteResult = await request.app[K.FEES].ask(msg)
-    return web.Response(body=orjson.dumps(result.value), content_type=JSON, headers=write_headers(result.invalidation))
+    row = await request.app[K.FEES].put(fee)
+    return web.Response(body=orjson.dumps(row), content_type=JSON)
 
 
 # ---------------------------------------------------------------- wallets
@@ -167,39 +159,37 @@ def event_response(result: EventResult) -> web.Response:
     body: dict[str, Any] = {"invalidated": list(result.invalidated)}
     if result.cached:
         body["cached"] = list(result.cached)
-    return web.Response(body=orjson.dumps(body), content_type=JSON, headers=write_headers(result.outcome))
+    return web.Response(body=orjson.dumps(body), content_type=JSON)
 
 
 async def transaction_completed(request: web.Request) -> web.Response:
     require_admin(request)
     fields = {"transaction_id", "sender", "receiver"}
     body = await v.json_object(request, allowed=fields, required=fields)
-    msg = TransactionCompleted(
-        v.transaction_id(body["transaction_id"]),
-        v.account_id(body["sender"], "sender"),
-        v.account_id(body["receiver"], "receiver"),
-    )
-    return event_response(await request.app[K.BALANCES].ask(msg))
+    v.transaction_id(body["transaction_id"])
+    sender = v.account_id(body["sender"], "sender")
+    receiver = v.account_id(body["receiver"], "receiver")
+    return event_response(await request.app[K.BALANCES].invalidate(sender, receiver))
 
 
 async def balance_updated(request: web.Request) -> web.Response:
     require_admin(request)
     body = await v.json_object(request, allowed={"account_id"}, required={"account_id"})
-    msg = BalanceUpdated(v.account_id(body["account_id"]))
-    return event_response(await request.app[K.BALANCES].ask(msg))
+    account = v.account_id(body["account_id"])
+    return event_response(await request.app[K.BALANCES].invalidate(account))
 
 
 async def trustline_created(request: web.Request) -> web.Response:
     require_admin(request)
     required = {"account_id", "asset_code", "asset_issuer"}
     body = await v.json_object(request, allowed={*required, "authorized"}, required=required)
-    msg = TrustlineCreated(
+    result = await request.app[K.TRUSTLINES].created(
         v.account_id(body["account_id"]),
         v.asset_code(body["asset_code"]),
         v.asset_issuer(body["asset_issuer"]),
         v.optional_bool(body.get("authorized"), "authorized"),
     )
-    return event_response(await request.app[K.TRUSTLINES].ask(msg))
+    return event_response(result)
 
 
 # ---------------------------------------------------------------- cache administration
@@ -214,10 +204,8 @@ async def delete_cache(request: web.Request) -> web.Response:
         keys.validate_pattern(pattern)
     except InvalidKey as err:
         raise bad_request(f"pattern: {err}", "invalid-pattern") from None
-    outcome = await request.app[K.INVALIDATOR].invalidate(patterns=[pattern])
-    return web.Response(
-        body=orjson.dumps({"deleted": outcome.deleted}), content_type=JSON, headers=write_headers(outcome)
-    )
+    deleted = await request.app[K.COHERENCE].invalidate_pattern(pattern)
+    return web.Response(body=orjson.dumps({"deleted": deleted}), content_type=JSON)
 
 
 async def cache_stats(request: web.Request) -> web.Response:

@@ -340,7 +340,7 @@ class Telemetry:
             "cache.keys": len(keys),
             "cache.patterns": len(patterns),
             "cache.namespaces": namespaces,
-            "cache.sender": str(msg.get("instance", "")),
+            "cache.sender": str(msg.get("i", "")),
         }
         with (
             self.active(),

@@ -147,7 +147,6 @@ def settings_factory(pg_dsn: str, redis_url: str, channel: str, tmp_path: Path) 
         s = load_settings(ROOT / "config.toml", base_env)
         overrides.setdefault("redis", {})
         overrides["redis"] = {"channel": channel, **overrides["redis"]}
-        overrides.setdefault("coherence", {"heartbeat": 0.2})
         return s.with_overrides(**overrides)
 
     return make
@@ -186,7 +185,7 @@ async def make_client(
         from service import appkeys as K
 
         if wait_subscribed and s.redis.url != "none":
-            await asyncio.wait_for(app[K.BUS].connected_event.wait(), 5)
+            await asyncio.wait_for(app[K.COHERENCE].connected.wait(), 5)
 
         async def ready() -> bool:
             return app[K.LIFECYCLE].phase is K.Phase.READY

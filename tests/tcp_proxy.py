@@ -1,8 +1,9 @@
 """A TCP proxy for failure tests: forwards bytes both ways until told to black-hole them.
 
 ``blackhole()`` keeps every socket open but stops forwarding (a silently dead peer); ``resume()`` forwards
-again; ``cut()`` closes every connection (a reset); ``down()`` cuts and refuses new connections (the server
-is gone) until ``up()`` listens again on the same port.
+again; ``delay`` (seconds) holds every chunk that long before forwarding it, in order (a slow network);
+``cut()`` closes every connection (a reset); ``down()`` cuts and refuses new connections (the server is gone)
+until ``up()`` listens again on the same port.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class TcpProxy:
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.delay = 0.0
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -72,6 +74,8 @@ class TcpProxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                if self.delay:
+                    await asyncio.sleep(self.delay)  # simulated network latency, not a wait for an event
                 await self._flowing.wait()
                 dst.write(data)
                 await dst.drain()

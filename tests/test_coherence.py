@@ -1,21 +1,48 @@
-"""Coherence across instances: several real apps (own pools, own subscribers, own L1) on one Redis + Postgres."""
+"""Coherence across instances: several real apps (own pools, own subscribers, own L1) on one Redis + Postgres.
+
+One test per finding of the coherence review (tiers/coherence/__init__.py states the rules they check):
+stale conversions under write load (rule 1), writes refused rather than deferred and commits nobody answered for
+(rules 2-3), a Redis restored from a snapshot (rule 6), a silent subscriber (rule 4), spurious flushes (rule 7),
+and state left by reads (finding 6).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import random
+import secrets
 import time
+from decimal import Decimal
+from urllib.parse import urlsplit
 
 import orjson
+import pytest
 
+from actors.rates import convert
 from service import appkeys as K
 from tests.conftest import AUTH, eventually
+from tests.redis_server import RedisServer
 from tests.tcp_proxy import TcpProxy
+from tiers import codec
+from tiers.keys import DataType
 
 
 async def rate_of(client, pair: str = "CNGN/USD") -> tuple[str, str]:
     r = await client.get(f"/v1/rates/{pair}")
     assert r.status == 200
     return (await r.json())["rate"], r.headers["X-Cache"]
+
+
+def redis_proxy_url(redis_url: str, proxy: TcpProxy) -> str:
+    u = urlsplit(redis_url)
+    return f"redis://127.0.0.1:{proxy.port}{u.path}"
+
+
+async def tcp_proxy(redis_url: str) -> TcpProxy:
+    u = urlsplit(redis_url)
+    if u.scheme != "redis":
+        pytest.skip("needs Redis over TCP to put a proxy in between")
+    return await TcpProxy(u.hostname or "127.0.0.1", u.port or 6379).start()
 
 
 async def test_write_through_one_is_seen_by_the_others_without_waiting_for_a_ttl(make_client):
@@ -51,52 +78,56 @@ async def test_subscriber_killed_then_write_elsewhere_no_stale_read_after_reconn
     a, b = await make_client(), await make_client()
     await rate_of(b)
     assert (await rate_of(b))[1] == "L1"
-    bus = b.app[K.BUS]
-    gaps = bus.gaps
+    co = b.app[K.COHERENCE]
+    sessions = co.sessions
     await redis_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-
-    async def noticed() -> bool:
-        return bus.gaps > gaps
-
-    await eventually(noticed, timeout=3)
     # written while b is (or just was) without a subscription: b cannot hear this message
     assert (await a.put("/v1/rates/CNGN/USD", json={"rate": "0.00123"}, headers=AUTH)).status == 200
-    rate, source = await rate_of(b)
-    assert rate == "0.00123"  # L1 was cleared on the way down, Redis was cleared by the writer
-    await asyncio.wait_for(bus.connected_event.wait(), 5)
+
+    async def resubscribed() -> bool:
+        return co.sessions > sessions and co.subscribed
+
+    await eventually(resubscribed, timeout=5)
     rate, _ = await rate_of(b)
-    assert rate == "0.00123"
+    assert rate == "0.00123"  # the new session emptied L1; Redis was cleared by the writer
     rate, source = await rate_of(b)
-    assert rate == "0.00123" and source == "L1"  # serving from L1 again after the resubscription
+    assert rate == "0.00123" and source == "L1"  # serving from L1 again
 
 
-async def test_heartbeat_detects_a_silently_dead_subscriber(make_client, settings_factory, redis_url):
-    from urllib.parse import urlsplit
-
-    u = urlsplit(redis_url)
-    if u.scheme != "redis":
-        import pytest
-
-        pytest.skip("needs Redis over TCP to put a proxy in between")
-    proxy = await TcpProxy(u.hostname or "127.0.0.1", u.port or 6379).start()
+async def test_a_silent_subscriber_connection_stops_l1_within_the_bound(make_client, settings_factory, redis_url):
+    """Finding 4: a black-holed connection. The lease is renewed only by pongs, so it lapses by itself ``bound``
+    after the last ping that made it through, however long the connection takes to be declared dead."""
+    proxy = await tcp_proxy(redis_url)
     try:
-        url = f"redis://127.0.0.1:{proxy.port}{u.path}"
-        client = await make_client(settings_factory(env={"REDIS_URL": url}, coherence={"heartbeat": 0.2}))
-        bus, l1 = client.app[K.BUS], client.app[K.L1_CACHE]
+        client = await make_client(settings_factory(env={"REDIS_URL": redis_proxy_url(redis_url, proxy)}))
+        co, l1 = client.app[K.COHERENCE], client.app[K.L1_CACHE]
+        bound = co.config.bound
         await rate_of(client)
         assert (await rate_of(client))[1] == "L1"
+        blackholed_at = time.monotonic()
         proxy.blackhole()  # every socket stays open, nothing arrives: a silent death
-        started = time.monotonic()
 
-        async def detected() -> bool:
-            return not bus.subscribed
+        async def lapsed() -> bool:
+            return not l1.serving
 
-        await eventually(detected, timeout=3)
-        assert time.monotonic() - started < 1.5  # within a few heartbeat intervals of 0.2 s
-        assert not l1.serving and len(l1) == 0
+        await eventually(lapsed, timeout=3)
+        # no renewal after the black hole: the lease ends at most `bound` after it began
+        assert l1.trusted_until <= blackholed_at + bound
+        fetched = l1._cache["v1:rate:CNGN:USD"].fetched
+        assert fetched < blackholed_at
+
+        async def past_both_bounds() -> bool:  # the lease and the entry's own bound since its fetch
+            return time.monotonic() > max(l1.trusted_until, fetched + bound)
+
+        await eventually(past_both_bounds, timeout=3)
+        _, source = await rate_of(client)
+        assert source != "L1"  # not served any longer
         proxy.resume()
-        await asyncio.wait_for(bus.connected_event.wait(), 10)
-        assert l1.serving
+
+        async def serving_again() -> bool:
+            return l1.serving and co.subscribed
+
+        await eventually(serving_again, timeout=10)
     finally:
         await proxy.close()
 
@@ -112,7 +143,7 @@ async def test_cold_key_stampede_across_three_instances_loads_once(make_client):
 
 
 async def test_lease_holder_dies_mid_load_others_still_answer(make_client, settings_factory, redis_client):
-    client = await make_client(settings_factory(coherence={"heartbeat": 0.2, "lease_wait": 0.3}))
+    client = await make_client(settings_factory(coherence={"lease_wait": 0.3}))
     # a peer took the fleet lease for this key and died before filling it
     await redis_client.set("v1:rate:XLM:USD|lease", b"dead-peer", px=10_000)
     started = time.monotonic()
@@ -125,11 +156,11 @@ async def test_lease_holder_dies_mid_load_others_still_answer(make_client, setti
 
 async def test_self_echo_skipped_without_swallowing_a_peers_invalidation(make_client):
     a, b = await make_client(), await make_client()
-    bus_a = a.app[K.BUS]
+    co_a = a.app[K.COHERENCE]
     await a.put("/v1/rates/CNGN/USD", json={"rate": "0.00101"}, headers=AUTH)
 
     async def echo_seen() -> bool:
-        return bus_a.echoes_skipped >= 1
+        return co_a.echoes_skipped >= 1
 
     await eventually(echo_seen, timeout=2)
     assert (await rate_of(a))[0] == "0.00101"
@@ -168,22 +199,44 @@ async def test_conversions_are_dropped_on_every_instance(make_client):
     await eventually(b_converts_with_new_rate, timeout=2)
 
 
-async def test_a_missing_bus_message_clears_l1(make_client, redis_client, channel):
+async def test_a_real_gap_in_the_sequence_starts_a_new_epoch(make_client, redis_client, channel):
     a = await make_client()
     await rate_of(a)
-    l1 = a.app[K.L1_CACHE]
+    l1, co = a.app[K.L1_CACHE], a.app[K.COHERENCE]
     assert len(l1) == 1
-    peer = {"instance": "ghost/1", "seq": 1, "keys": [], "patterns": []}
-    await redis_client.publish(channel, orjson.dumps(peer))
-    peer["seq"] = 5  # messages 2..4 never arrived
-    await redis_client.publish(channel, orjson.dumps(peer))
-    bus = a.app[K.BUS]
+    peer = orjson.dumps({"i": "ghost/1", "k": [], "p": []})
+    seq = int(await redis_client.get(channel + "|seq") or 0)
+    await redis_client.publish(channel, b"%d|%s" % (seq + 1, peer))
+    await redis_client.publish(channel, b"%d|%s" % (seq + 5, peer))  # messages in between never arrived
 
     async def gap_seen() -> bool:
-        return bus.seq_gaps == 1
+        return co.seq_gaps == 1
 
     await eventually(gap_seen, timeout=2)
     assert len(l1) == 0
+
+
+async def test_concurrent_writes_cause_no_spurious_flush(make_client):
+    """Finding 5: sequence numbers are taken by the publishing script, so concurrency cannot look like a gap."""
+    a, b = await make_client(), await make_client()
+    co_b = b.app[K.COHERENCE]
+    epochs = b.app[K.L1_CACHE].epochs
+    slots = asyncio.Semaphore(12)
+
+    async def put(i: int) -> int:
+        async with slots:
+            pair = ("CNGN/USD", "XLM/USD", "USD/CNGN")[i % 3]
+            r = await a.put(f"/v1/rates/{pair}", json={"rate": f"0.{1000 + i}"}, headers=AUTH)
+            return r.status
+
+    statuses = await asyncio.gather(*(put(i) for i in range(300)))
+    assert statuses == [200] * 300
+
+    async def all_received() -> bool:
+        return co_b.received >= 300
+
+    await eventually(all_received, timeout=10)
+    assert co_b.seq_gaps == 0 and b.app[K.L1_CACHE].epochs == epochs
 
 
 async def test_delete_cache_pattern_reaches_every_instance(make_client, redis_client):
@@ -200,3 +253,184 @@ async def test_delete_cache_pattern_reaches_every_instance(make_client, redis_cl
 
     await eventually(b_dropped, timeout=2)
     assert (await b.get("/v1/fees/onramp")).headers["X-Cache"] == "L1"
+
+
+# ---------------------------------------------------------------- finding 1: derived keys under write load
+
+
+async def test_no_stale_conversion_survives_concurrent_writes_and_reads(
+    make_client, settings_factory, redis_client, redis_url
+):
+    """Rates written through one instance while both instances read conversions of the same pair; afterwards a
+    fresh instance reads every conversion Redis still holds: each must match the pair's current rate. B hears the
+    bus 10 ms late (a slow link), so it computes conversions from a rate copy that a write has just superseded."""
+    proxy = await tcp_proxy(redis_url)
+    proxy.delay = 0.01
+    a = await make_client()
+    b = await make_client(settings_factory(env={"REDIS_URL": redis_proxy_url(redis_url, proxy)}))
+    amounts = [f"{n}.{k}" for n in range(1, 9) for k in range(1, 4)]
+    stop = asyncio.Event()
+    rng = random.Random(7)
+    reads = {"a": 0, "b": 0}
+
+    stale_fills: list[tuple[str, str, str]] = []
+
+    async def scan_for_stale_fills(rate: str) -> None:
+        """Every conversion Redis would serve (its generations current) must be computed from ``rate``."""
+        gen = (await redis_client.get("v1:rate:CNGN:USD|g") or b"0").decode()
+        for key in await redis_client.keys("v1:rate:convert:*:CNGN:USD"):
+            raw = await redis_client.get(key)
+            stored = codec.unpack(raw) if raw else None
+            if stored is None or stored.gens != gen:
+                continue  # dead: never served
+            amount = key.decode().split(":")[3]
+            if Decimal(orjson.loads(stored.body)["result"]) != convert(Decimal(amount), Decimal(rate)):
+                stale_fills.append((key.decode(), stored.gens, stored.body.decode()))
+
+    async def writer() -> None:
+        i = 0
+        while i < 60 or min(reads.values()) < 40:  # enough of both, whatever the speed of either
+            rate = f"0.000{rng.randint(100, 999)}{i:03d}"
+            assert (await a.put("/v1/rates/CNGN/USD", json={"rate": rate}, headers=AUTH)).status == 200
+            await scan_for_stale_fills(rate)
+            i += 1
+        stop.set()
+
+    async def reader(name: str, client) -> None:
+        while not stop.is_set():
+            params = {"amount": rng.choice(amounts), "from": "CNGN", "to": "USD"}
+            assert (await client.get("/v1/rates/convert", params=params)).status == 200
+            reads[name] += 1
+
+    await asyncio.wait_for(asyncio.gather(writer(), reader("a", a), reader("b", b)), 60)
+    current = Decimal((await (await a.get("/v1/rates/CNGN/USD")).json())["rate"])
+    fresh = await make_client()  # empty L1: answers from Redis where Redis has a servable value
+    present = [k.decode() for k in await redis_client.keys("v1:rate:convert:*:CNGN:USD")]
+    assert present
+    wrong = []
+    for key in present:
+        amount = key.split(":")[3]
+        r = await fresh.get("/v1/rates/convert", params={"amount": amount, "from": "CNGN", "to": "USD"})
+        body = await r.json()
+        if Decimal(body["result"]) != convert(Decimal(amount), current):
+            wrong.append((key, r.headers["X-Cache"], body["result"]))
+    await proxy.close()
+    assert wrong == [] and stale_fills == []
+    assert b.app[K.STATS].get(DataType.EXCHANGE_RATE, "fills_rejected") > 0  # the race did happen
+
+
+# ---------------------------------------------------------------- finding 2: no acknowledged write can be lost
+
+
+async def test_a_writer_that_cannot_reach_redis_refuses_and_changes_nothing(
+    make_client, settings_factory, redis_url, pg
+):
+    proxy = await tcp_proxy(redis_url)
+    try:
+        writer = await make_client(settings_factory(env={"REDIS_URL": redis_proxy_url(redis_url, proxy)}))
+        peer = await make_client()
+        assert (await rate_of(peer))[0] == "0.00065"
+        await proxy.down()  # only the writer is cut off from Redis
+        r = await writer.put("/v1/rates/CNGN/USD", json={"rate": "0.5"}, headers=AUTH)
+        assert r.status == 503 and r.headers["Content-Type"].startswith("application/problem+json")
+        assert (await r.json())["type"] == "urn:aframp:problem:invalidation-unavailable"
+        assert "Retry-After" in r.headers
+        assert await pg.fetchval("SELECT rate::text FROM exchange_rates WHERE base='CNGN' AND quote='USD'") == "0.00065"
+        assert (await rate_of(peer)) == ("0.00065", "L1")  # still true: nothing changed
+        r = await writer.post(
+            "/v1/events/balance-updated", json={"account_id": "G" + "A" * 55}, headers=AUTH
+        )  # an event without Redis cannot be made certain either
+        assert r.status in (400, 503)
+    finally:
+        await proxy.close()
+
+
+async def test_a_commit_nobody_answered_for_is_applied_from_the_outbox(make_client, settings_factory, pg):
+    """A write that committed although its writer never invalidated (it timed out, or died after the commit):
+    the outbox row committed with it is applied by any instance."""
+    s = settings_factory(coherence={"outbox_sweep": 0.05, "outbox_grace": 0.1})
+    a, b = await make_client(s), await make_client(s)
+    for x in (a, b):
+        await rate_of(x)
+        assert (await rate_of(x))[1] == "L1"
+    async with pg.transaction():  # what the dead writer's statement did
+        await pg.execute("UPDATE exchange_rates SET rate = 0.00042 WHERE base='CNGN' AND quote='USD'")
+        await pg.execute("INSERT INTO cache_outbox (keys) VALUES (ARRAY['v1:rate:CNGN:USD'])")
+
+    async def everyone_sees_it() -> bool:
+        return [(await rate_of(x))[0] for x in (a, b)] == ["0.00042", "0.00042"]
+
+    await eventually(everyone_sees_it, timeout=5)
+    assert await pg.fetchval("SELECT count(*) FROM cache_outbox") == 0
+    assert sum(x.app[K.COHERENCE].outbox_applied for x in (a, b)) == 1  # claimed once (SKIP LOCKED)
+
+
+async def test_a_settled_write_leaves_no_outbox_row(make_client, settings_factory, pg):
+    a = await make_client(settings_factory(coherence={"outbox_sweep": 0.05, "outbox_grace": 5.0}))
+    assert (await a.put("/v1/rates/CNGN/USD", json={"rate": "0.00066"}, headers=AUTH)).status == 200
+
+    async def settled() -> bool:
+        return await pg.fetchval("SELECT count(*) FROM cache_outbox") == 0
+
+    await eventually(settled, timeout=5)
+    assert a.app[K.COHERENCE].outbox_applied == 0  # deleted by its writer, never applied by a sweep
+
+
+# ---------------------------------------------------------------- finding 3: Redis restored from a snapshot
+
+
+async def test_redis_restarted_from_a_snapshot_never_resurrects_invalidated_values(
+    make_client, settings_factory, tmp_path
+):
+    server = await RedisServer(tmp_path / "redis").start()
+    try:
+        s = settings_factory(env={"REDIS_URL": server.url})
+        a, b = await make_client(s), await make_client(s)
+        for x in (a, b):
+            await rate_of(x)
+            assert (await x.get("/v1/fees/onramp")).status == 200
+        await server.save()  # a stock redis-server snapshots now and then
+        assert (await a.put("/v1/rates/CNGN/USD", json={"rate": "0.00201"}, headers=AUTH)).status == 200
+        fee = {"rate_bps": 175, "flat": "0", "min": "0", "max": "1000", "currency": "NGN"}
+        assert (await a.put("/v1/fees/onramp", json=fee, headers=AUTH)).status == 200
+        server.kill9()
+        await server.start()  # loads the snapshot: the pre-write rate and fee are back in Redis
+        for x in (a, b):
+            co = x.app[K.COHERENCE]
+
+            async def back(co=co) -> bool:
+                return co.subscribed and co.store.incarnation != ""
+
+            await eventually(back, timeout=10)
+        for x in (a, b):
+            assert (await rate_of(x))[0] == "0.00201"
+            assert (await (await x.get("/v1/fees/onramp")).json())["rate_bps"] == 175
+            assert x.app[K.COHERENCE].store.guard.changes >= 1  # the new incarnation was noticed
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- finding 6: state left by reads
+
+
+async def test_reads_leave_no_index_and_nothing_that_outlives_their_answer(make_client, redis_client):
+    a = await make_client()
+    for i in range(200):
+        assert (
+            await a.get("/v1/rates/convert", params={"amount": f"{i}.5", "from": "CNGN", "to": "USD"})
+        ).status == 200
+    for _ in range(50):
+        pair = f"Q{secrets.token_hex(3).upper()}"
+        r = await a.get("/v1/rates/convert", params={"amount": "1", "from": pair, "to": "USD"})
+        assert r.status == 404
+    keys = [k.decode() for k in await redis_client.keys("*")]
+    assert not [k for k in keys if "conversions" in k]  # no index of derived keys
+    for key in keys:
+        ttl = await redis_client.pttl(key)
+        assert ttl > 0, key  # everything a read creates expires ...
+        if ":Q" in key:  # ... and what an unknown pair leaves lives no longer than its 404 (5 s)
+            assert ttl <= 5_000, (key, ttl)
+    # invalidating the pair is one O(1) script whatever was derived from it
+    started = time.monotonic()
+    assert (await a.put("/v1/rates/CNGN/USD", json={"rate": "0.0007"}, headers=AUTH)).status == 200
+    assert time.monotonic() - started < 1.0

@@ -56,11 +56,10 @@ def test_patterns():
             keys.validate_pattern(bad)
 
 
-def test_conversion_group_is_exactly_the_pair_pattern():
-    group = keys.group_of(keys.conversion("1", "CNGN", "USD"))
-    assert group == keys.group_for_pattern(keys.conversions_of("CNGN", "USD"))
-    assert keys.group_for_pattern("v1:rate:convert:*:CNGN:*") is None
-    assert keys.group_of(keys.rate("CNGN", "USD")) is None
+def test_a_conversion_is_derived_from_its_pairs_rate_and_nothing_else_is_derived():
+    assert keys.deps_of(keys.conversion("1", "CNGN", "USD")) == (keys.rate("CNGN", "USD"),)
+    assert keys.deps_of(keys.rate("CNGN", "USD")) == ()
+    assert keys.deps_of(keys.balance("G" + "A" * 55)) == ()
     assert Namespace.CONVERSION.prefix == "rate:convert"
 
 

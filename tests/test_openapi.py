@@ -29,7 +29,7 @@ DOC: dict[str, Any] = yaml.safe_load(DOC_BYTES)
 DOC_URI = "urn:aframp:openapi"
 REGISTRY = Registry().with_resource(DOC_URI, Resource.from_contents(DOC, default_specification=DRAFT202012))
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
-CACHE_HEADERS = ("X-Cache", "Age", "Retry-After", "X-Invalidation", "WWW-Authenticate")
+CACHE_HEADERS = ("X-Cache", "Age", "Retry-After", "WWW-Authenticate")
 
 
 # ---------------------------------------------------------------- helpers

@@ -49,7 +49,7 @@ async def test_single_flight_many_concurrent_misses_one_query(make_client):
     results = await asyncio.gather(*(client.get("/v1/rates/XLM/USD") for _ in range(50)))
     assert all(r.status == 200 for r in results)
     assert origin.loads == 1
-    assert {r.headers["X-Cache"] for r in results} <= {"L1", "MISS"}
+    assert {r.headers["X-Cache"] for r in results} <= {"L1", "L2", "MISS"}  # late readers may find the fill
 
 
 async def test_conversion_quantised_half_even_and_canonical_key(make_client, redis_client):
@@ -91,14 +91,16 @@ async def test_write_invalidates_pair_and_every_conversion(make_client, redis_cl
     stored = await r.json()
     assert stored["rate"] == "0.00070" and stored["source"] == "feed" and stored["base"] == "CNGN"
 
-    assert await redis_client.keys("v1:rate:convert:*:CNGN:USD") == []
+    # O(1) in Redis: the pair's value is gone, its conversions are left alone yet dead (its generation moved on)
+    assert len(await redis_client.keys("v1:rate:convert:*:CNGN:USD")) == 3
     assert await redis_client.exists("v1:rate:CNGN:USD") == 0
     assert await redis_client.exists("v1:rate:USD:CNGN") == 1  # the reverse pair is another row
     r = await client.get("/v1/rates/CNGN/USD")
     assert r.headers["X-Cache"] == "MISS" and (await r.json())["rate"] == "0.00070"
-    r = await client.get("/v1/rates/convert", params={"amount": "2.5", "from": "CNGN", "to": "USD"})
-    assert r.headers["X-Cache"] != "L1"
-    assert (await r.json())["result"] == "0.0017500"
+    for amount, result in (("1", "0.0007000"), ("2.5", "0.0017500"), ("100.50", "0.0703500")):
+        r = await client.get("/v1/rates/convert", params={"amount": amount, "from": "CNGN", "to": "USD"})
+        assert r.headers["X-Cache"] == "MISS"
+        assert (await r.json())["result"] == result
 
 
 async def test_put_creates_pair_cached_as_missing(make_client):

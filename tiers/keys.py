@@ -108,13 +108,6 @@ def conversion(amount: str, from_: str, to: str) -> CacheKey:
     return CacheKey(Namespace.CONVERSION, (amount, from_, to))
 
 
-def conversions_of(base: str, quote: str) -> str:
-    """Pattern matching every conversion of one pair."""
-    segment(base)
-    segment(quote)
-    return ":".join((VERSION, Namespace.CONVERSION.prefix, "*", base, quote))
-
-
 @lru_cache(maxsize=8192)
 def balance(account_id: str) -> CacheKey:
     return CacheKey(Namespace.BALANCE, (account_id,))
@@ -199,27 +192,16 @@ def namespace_of(rendered: str) -> Namespace | None:
     return None
 
 
-# ---------------------------------------------------------------- invalidation groups
+# ---------------------------------------------------------------- sources of derived keys
 #
-# Every cached conversion of a pair belongs to the pair's group. Invalidating the conversions pattern of a pair
-# then costs O(conversions of that pair) in L1 and in Redis (an index set), never a scan of the keyspace.
+# A derived key's value is computed from other cached values, its sources: a conversion from its pair's rate. The
+# coherence protocol (tiers.coherence) keeps a generation per source; a derived value is valid only while the
+# generations it was computed under are current, so invalidating a rate costs O(1) whatever was derived from it.
 
-GROUP_SUFFIX = "|conversions"
 
-
-def group_of(key: CacheKey) -> str | None:
+def deps_of(key: CacheKey) -> tuple[CacheKey, ...]:
+    """The sources a derived key was computed from; () for a key loaded from an origin itself."""
     if key.namespace is Namespace.CONVERSION:
         _, from_, to = key.parts
-        return rate(from_, to).render() + GROUP_SUFFIX
-    return None
-
-
-def group_for_pattern(pattern: str) -> str | None:
-    """The group a pattern denotes exactly (the conversions pattern of one pair), else None."""
-    prefix = f"{VERSION}:{Namespace.CONVERSION.prefix}:*:"
-    if not pattern.startswith(prefix):
-        return None
-    rest = pattern[len(prefix) :].split(":")
-    if len(rest) != 2 or not all(_SEGMENT.fullmatch(s) for s in rest):
-        return None
-    return rate(rest[0], rest[1]).render() + GROUP_SUFFIX
+        return (rate(from_, to),)
+    return ()

@@ -6,7 +6,7 @@ Values leave this module as JSON-ready dicts with decimal strings.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -64,17 +64,32 @@ def fee_row(r: asyncpg.Record) -> dict[str, Any]:
     }
 
 
+# Writes take ``outbox``: the cache keys they invalidate. The keys are recorded in ``cache_outbox`` by the same
+# statement (so with the same commit) and the row's id is returned with the result (tiers.coherence.outbox).
+Written = tuple[dict[str, Any], int | None]
+
+
 class RatesOrigin(Protocol):
     async def get_rate(self, base: str, quote: str) -> dict[str, Any] | None: ...
     async def list_pairs(self, limit: int) -> list[tuple[str, str]]: ...
-    async def upsert_rate(self, base: str, quote: str, rate: Decimal, source: str) -> dict[str, Any]: ...
-    async def delete_rate(self, base: str, quote: str) -> bool: ...
+    async def upsert_rate(
+        self, base: str, quote: str, rate: Decimal, source: str, *, outbox: Sequence[str] = ()
+    ) -> Written: ...
+    async def delete_rate(self, base: str, quote: str, *, outbox: Sequence[str] = ()) -> tuple[bool, int | None]: ...
 
 
 class FeesOrigin(Protocol):
     async def get_fee(self, fee_type: str) -> dict[str, Any] | None: ...
     async def list_fee_types(self, limit: int) -> list[str]: ...
-    async def upsert_fee(self, fee_type: str, fee: dict[str, Any]) -> dict[str, Any]: ...
+    async def upsert_fee(self, fee_type: str, fee: dict[str, Any], *, outbox: Sequence[str] = ()) -> Written: ...
+
+
+# a data-modifying CTE that records the outbox row in the same statement: ``$n`` is the keys array
+def _with_outbox(param: int, source: str = "") -> str:
+    return (
+        f"ob AS (INSERT INTO cache_outbox (keys) SELECT ${param}::text[] {source}"
+        f" WHERE cardinality(${param}::text[]) > 0 RETURNING id)"
+    )
 
 
 @asynccontextmanager
@@ -133,27 +148,40 @@ class PostgresOrigin:
                 rows = await conn.fetch("SELECT fee_type FROM fee_structures ORDER BY fee_type LIMIT $1", limit)
         return [r["fee_type"] for r in rows]
 
-    async def upsert_rate(self, base: str, quote: str, rate: Decimal, source: str) -> dict[str, Any]:
+    async def upsert_rate(
+        self, base: str, quote: str, rate: Decimal, source: str, *, outbox: Sequence[str] = ()
+    ) -> Written:
         r = await self._fetchrow(
             "upsert rate",
-            """INSERT INTO exchange_rates (base, quote, rate, source, updated_at)
-               VALUES ($1, $2, $3, $4, now())
-               ON CONFLICT (base, quote) DO UPDATE
-                 SET rate = EXCLUDED.rate, source = EXCLUDED.source, updated_at = now()
-               RETURNING base, quote, rate, source, updated_at""",
+            f"""WITH up AS (
+                 INSERT INTO exchange_rates (base, quote, rate, source, updated_at)
+                 VALUES ($1, $2, $3, $4, now())
+                 ON CONFLICT (base, quote) DO UPDATE
+                   SET rate = EXCLUDED.rate, source = EXCLUDED.source, updated_at = now()
+                 RETURNING base, quote, rate, source, updated_at),
+               {_with_outbox(5)}
+               SELECT up.*, (SELECT id FROM ob) AS outbox_id FROM up""",
             base,
             quote,
             rate,
             source,
+            list(outbox),
         )
         assert r is not None
-        return rate_row(r)
+        return rate_row(r), r["outbox_id"]
 
-    async def delete_rate(self, base: str, quote: str) -> bool:
+    async def delete_rate(self, base: str, quote: str, *, outbox: Sequence[str] = ()) -> tuple[bool, int | None]:
         r = await self._fetchrow(
-            "delete rate", "DELETE FROM exchange_rates WHERE base=$1 AND quote=$2 RETURNING 1", base, quote
+            "delete rate",
+            f"""WITH d AS (DELETE FROM exchange_rates WHERE base=$1 AND quote=$2 RETURNING 1),
+               {_with_outbox(3, "FROM d")}
+               SELECT (SELECT count(*) FROM d) AS deleted, (SELECT id FROM ob) AS outbox_id""",
+            base,
+            quote,
+            list(outbox),
         )
-        return r is not None
+        assert r is not None
+        return r["deleted"] > 0, r["outbox_id"]
 
     # ---- fees
     async def get_fee(self, fee_type: str) -> dict[str, Any] | None:
@@ -165,24 +193,28 @@ class PostgresOrigin:
         )
         return fee_row(r) if r else None
 
-    async def upsert_fee(self, fee_type: str, fee: dict[str, Any]) -> dict[str, Any]:
+    async def upsert_fee(self, fee_type: str, fee: dict[str, Any], *, outbox: Sequence[str] = ()) -> Written:
         r = await self._fetchrow(
             "upsert fee",
-            """INSERT INTO fee_structures (fee_type, rate_bps, flat, min, max, currency, updated_at)
-               VALUES ($1, $2, $3, $4, $5, $6, now())
-               ON CONFLICT (fee_type) DO UPDATE
-                 SET rate_bps = EXCLUDED.rate_bps, flat = EXCLUDED.flat, min = EXCLUDED.min,
-                     max = EXCLUDED.max, currency = EXCLUDED.currency, updated_at = now()
-               RETURNING fee_type, rate_bps, flat, min, max, currency""",
+            f"""WITH up AS (
+                 INSERT INTO fee_structures (fee_type, rate_bps, flat, min, max, currency, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, now())
+                 ON CONFLICT (fee_type) DO UPDATE
+                   SET rate_bps = EXCLUDED.rate_bps, flat = EXCLUDED.flat, min = EXCLUDED.min,
+                       max = EXCLUDED.max, currency = EXCLUDED.currency, updated_at = now()
+                 RETURNING fee_type, rate_bps, flat, min, max, currency),
+               {_with_outbox(7)}
+               SELECT up.*, (SELECT id FROM ob) AS outbox_id FROM up""",
             fee_type,
             fee["rate_bps"],
             fee["flat"],
             fee["min"],
             fee["max"],
             fee["currency"],
+            list(outbox),
         )
         assert r is not None
-        return fee_row(r)
+        return fee_row(r), r["outbox_id"]
 
 
 # ---------------------------------------------------------------- pool, migrations, demo data
@@ -191,6 +223,8 @@ class PostgresOrigin:
 async def create_pool(
     dsn: str, *, min_size: int, max_size: int, command_timeout: float, connect_timeout: float
 ) -> asyncpg.Pool:
+    """A pool whose statements Postgres itself aborts after ``command_timeout`` (``statement_timeout``), so a write
+    can never commit long after its writer gave up on it (the coherence protocol's write fences outlive it)."""
     async with translate("connect"):
         return await asyncpg.create_pool(
             dsn,
@@ -198,6 +232,7 @@ async def create_pool(
             max_size=max_size,
             command_timeout=command_timeout,
             timeout=connect_timeout,
+            server_settings={"statement_timeout": str(int(command_timeout * 1000))},
         )
 
 
@@ -215,6 +250,7 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
     applied: list[str] = []
     async with translate("migrate"):
         async with pool.acquire() as conn:
+            await conn.execute("SET statement_timeout = 0")  # waiting for another instance's migration is fine
             await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
             try:
                 await conn.execute(
@@ -234,6 +270,7 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
                     applied.append(name)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+                await conn.execute("RESET statement_timeout")
     return applied
 
 

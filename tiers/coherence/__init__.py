@@ -1,0 +1,81 @@
+"""The coherence protocol — stated once, here (docs/COHERENCE.md repeats it with the measurements).
+
+**The promise.** After a write, event, revocation or invalidation is answered 2xx, no instance serves the old
+value — nor anything derived from it (a conversion from a rate) — later than ``B`` (``coherence.bound``, 100 ms)
+after the answer. A write whose invalidation cannot be made certain answers 503 and changes nothing. A read that
+*started* before that moment may return either value (it overlapped the write).
+
+**Parts.** The engine (:class:`tiers.coherence.engine.Coherence`, built once by the composition root and passed to
+every actor) owns all of it: the shared tier's scripts (:class:`tiers.coherence.store.Store`, on Redis in
+:mod:`tiers.coherence.redis_store`), the bus subscriber, the L1's trust lease and epochs (:mod:`tiers.l1`), the
+incarnation fence and the outbox (:mod:`tiers.coherence.outbox`).
+
+**State in Redis**, per source key ``S`` (a value loaded from an origin) and derived key ``D`` (computed from
+sources: a conversion ``D`` from its rate ``S``):
+
+=====================  ==========================================================================================
+``S``, ``D``           the value; its header carries the incarnation and the sources' generations it was made under
+``S|g``                generation of ``S``: only grows (``max(g+1, Redis µs)``); bumped by every invalidation of ``S``;
+                       created by the first load of ``S``, so a stored value never carries 0 and a missing ``S|g``
+                       always means "invalid"
+``S|w``                write fences: tokens scored by expiry; while one is live nothing guarded by ``S`` is filled
+``S|lease``, ``D|lease``  load lease: one origin load per key across the fleet (efficiency only, not safety)
+``<channel>|seq``      message counter; every message is published as ``<seq>|<json>`` by the script that counts it
+=====================  ==========================================================================================
+
+Postgres: ``cache_outbox(id, keys, created_at)``, one row per write, in the same statement as the write.
+
+**Messages** on the channel (``REDIS_CHANNEL``): ``<seq>|{"i": <sender bus id>, "k": [keys], "p": [patterns],
+"traceparent"?: …}``. Subscribers also send ``PING <n>`` on their own subscriber connection; Redis answers it in
+band, after every message it had already queued for that connection.
+
+**Rules.**
+
+1. *Fill guard.* A load records the generations of its sources before it reads (``acquire``: one script that
+   answers a fresh value, or the lease, or "fenced", plus the current generations). A value reaches Redis only
+   through ``fill``, which installs it iff no source is fenced and every source's generation is still the recorded
+   one. A derived value carries the generations of the source *values it was computed from* (from their envelope
+   or L1 entry), never generations read later. A stored derived value is served only while those generations are
+   current (checked on every Redis read), so invalidating a rate invalidates all its conversions in O(1) and no
+   index of derived keys exists. In L1 the same holds through tickets: an entry is installed only if neither its
+   key nor its sources were invalidated (nor the epoch changed) since the ticket was taken before the fetch, and a
+   derived entry is re-checked against its sources on every hit.
+2. *Writes: fence, then commit.* ``Coherence.write`` first runs one script per write: fence every key, bump its
+   generation, delete its value and lease, publish. Only then is the write committed to Postgres (with its outbox
+   row). So from before the commit until the fence is lifted (after the commit) nothing can be filled for those
+   keys, and every load that began before carries an old generation. If the script fails the write is not
+   committed: 503, nothing changed. Events (no row changes) run the same script without a fence.
+3. *Outbox.* A writer that learns its commit succeeded deletes its row. A row older than ``outbox_grace`` belongs to
+   a commit nobody answered for (a statement that timed out on the client and committed later, a writer that died):
+   any instance applies it (rule 2's script, no fence) and deletes it in one transaction.
+4. *L1 trust lease.* L1 serves an entry past ``B`` after its fetch only while ``trusted_until`` (monotonic) is in
+   the future. The subscriber sends ``PING`` every ``ping_interval``; a pong for a ping sent at ``t`` proves every
+   message published before ``t`` was received and applied (messages are applied in order, synchronously), so it
+   renews the lease to ``t + B``. A connection that goes silent stops renewing it: L1 then serves only entries
+   fetched within the last ``B`` — whatever the failure, never longer than ``B`` after a write it missed.
+5. *Epochs.* Every new subscriber session, every real gap in ``seq`` and every new Redis incarnation starts a new L1
+   epoch: L1 and its last-known values are emptied and every ticket in flight is void.
+6. *Incarnation fence.* Every new Redis connection reads the server's ``run_id`` before its first command. Values
+   are stamped with the incarnation their load began in; a value of another incarnation is never served or used. A
+   restart (also from a snapshot), a restore or a failover changes ``run_id``: nothing from before is trusted.
+7. *No spurious flushes.* Sequence numbers are taken by the publishing script, so a gap is a lost message, never
+   a reordering. Own messages are skipped by sender id (already applied before the answer), never by key.
+
+**Bounds per failure** (B = 100 ms):
+
+=============================================  ================================================================
+no fault                                       peers apply within the pub/sub latency (ms); always ≤ B
+subscriber killed / connection black-holed     ≤ B (rule 4); L1 emptied when the next session starts
+writer loses Redis before committing           503, nothing changed
+writer dies or loses Redis after committing    nothing outstanding: the invalidation preceded the commit
+commit the writer never heard of               applied by the outbox sweep (≤ sweep + grace); not a 2xx
+Redis restart / snapshot / failover            ≤ B (rules 4-6); values from before are never served
+Redis down for everyone                        L1 serves fetches ≤ B old; reads go to the origin; writes 503
+concurrent writes to one key                   fences are per writer: none is lifted by another's commit
+=============================================  ================================================================
+"""
+
+from tiers.coherence.engine import Coherence, CoherenceConfig, WriteUnavailable
+from tiers.coherence.store import Acquired, Status, Store
+
+__all__ = ["Acquired", "Coherence", "CoherenceConfig", "Status", "Store", "WriteUnavailable"]
