@@ -309,7 +309,7 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         breaker_failures=_int("redis.breaker_failures", rv("breaker_failures", None), minimum=1),
         breaker_reset=_float("redis.breaker_reset", rv("breaker_reset", None)),
         breaker_reset_max=_float("redis.breaker_reset_max", rv("breaker_reset_max", None)),
-        channel=_str("REDIS_CHANNEL", rv("channel", "REDIS_CHANNEL")) or "aframp:v1:invalidations",
+        channel=_str("REDIS_CHANNEL", rv("channel", "REDIS_CHANNEL")) or "aframp:v2:invalidations",
     )
 
     horizon = HorizonSettings(

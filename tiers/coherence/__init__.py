@@ -16,9 +16,10 @@ sources: a conversion ``D`` from its rate ``S``):
 =====================  ==========================================================================================
 ``S``, ``D``           the value; its header carries the incarnation and the sources' generations it was made under
 ``S|g``                generation of ``S``: only grows (``max(g+1, Redis µs)``); bumped by every invalidation of ``S``;
-                       created by the first load of ``S``, so a stored value never carries 0 and a missing ``S|g``
-                       always means "invalid"
+                       created by the first fill of ``S`` with the value's own lifetime, so a stored value never
+                       carries 0 and a missing ``S|g`` always means "invalid"
 ``S|w``                write fences: tokens scored by expiry; while one is live nothing guarded by ``S`` is filled
+``S|pre``              the value a fenced write moved aside: a stale-if-error answer only; deleted at commit
 ``S|lease``, ``D|lease``  load lease: one origin load per key across the fleet (efficiency only, not safety)
 ``<channel>|seq``      message counter; every message is published as ``<seq>|<json>`` by the script that counts it
 =====================  ==========================================================================================
