@@ -142,7 +142,8 @@ class CacheActor(Actor):
             case Load(key, start):
                 return self._on_load(key, start)
             case Refresh(key):
-                return self._on_refresh(key)
+                self._on_refresh(key)
+                return None
         raise TypeError(f"{self.name}: unexpected message {type(msg).__name__}")
 
     def _on_load(self, key: CacheKey, start: Start) -> asyncio.Future[Lookup]:

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 import orjson
 
 from tiers import codec
-from tiers.codec import Stored
 from tiers.coherence.store import Acquired, Message, Pong, Store, Subscription
 from tiers.errors import CacheUnavailable, OriginError, TierError
 from tiers.keys import CacheKey, DataType, namespace_of
@@ -123,10 +122,6 @@ class Coherence:
     # ------------------------------------------------------------ reads (the read-through calls these)
     def sources(self, key: CacheKey, deps: tuple[CacheKey, ...]) -> tuple[str, ...]:
         return tuple(d.rendered for d in deps) if deps else (key.rendered,)
-
-    async def read(self, key: CacheKey, sources: tuple[str, ...]) -> Stored | None:
-        assert self.store is not None
-        return await self.store.read(key.rendered, sources)
 
     async def acquire(self, key: CacheKey, sources: tuple[str, ...], token: str, *, refresh: bool = False) -> Acquired:
         assert self.store is not None
@@ -318,7 +313,11 @@ class Coherence:
             if now >= next_ping:
                 token += 1
                 pings.append((token, now))
-                await sub.ping(token)
+                try:
+                    async with asyncio.timeout(cfg.dead_after):  # a socket that takes no more bytes is dead too
+                        await sub.ping(token)
+                except TimeoutError:
+                    raise _BusLost("a PING could not be sent") from None
                 next_ping = now + cfg.ping_interval
             if pings and now - pings[0][1] > cfg.dead_after:
                 raise _BusLost(f"no pong for {now - pings[0][1]:.3f}s")

@@ -276,8 +276,8 @@ class RedisStore:
     def incarnation(self) -> str:
         return self.guard.incarnation
 
-    def _valid(self, raw: bytes | None, gens: str | None) -> Stored | None:
-        if raw is None:
+    def _valid(self, raw: bytes | str | None, gens: str | None) -> Stored | None:
+        if not isinstance(raw, bytes):  # None, or a str only if a client decoded responses (ours never do)
             return None
         stored = codec.unpack(raw)
         if stored is None or stored.incarnation != self.guard.incarnation:
@@ -340,7 +340,14 @@ class RedisStore:
         for s in sources:
             keys += [s, s + LEASE, s + GEN, s + FENCE, s + PRE]
         keys.append(self.seq_key)
-        args = [len(sources), fence_ms if fence else 0, fence or "", self.gen_px, self.channel, message]
+        args: list[str | int | bytes] = [
+            len(sources),
+            fence_ms if fence else 0,
+            fence or "",
+            self.gen_px,
+            self.channel,
+            message,
+        ]
         async with self.cache.guard("EVALSHA invalidate"):
             return int(await self._invalidate(keys=keys, args=args))
 
