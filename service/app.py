@@ -31,6 +31,7 @@ from service.config import Settings, redact_url
 from service.embedded import EmbeddedPostgres, EmbeddedRedis
 from service.metrics import Metrics
 from service.routes import setup_routes
+from service.snapshot import snapshot
 from tiers import horizon, postgres
 from tiers.breaker import Breaker
 from tiers.coherence import Coherence, CoherenceConfig
@@ -47,10 +48,10 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)  # no middleware: each route is wrapped (metrics.observed)
+    app = web.Application(client_max_size=64 * 1024)  # no middleware: each route is wrapped (service.observed)
     app[K.SETTINGS] = settings
     app[K.LIFECYCLE] = K.Lifecycle()
-    app[K.METRICS] = Metrics(app)
+    app[K.METRICS] = Metrics(lambda: (snapshot(app), app[K.STATS]) if K.STATS in app else None)
     logs.register_secret(settings.server.admin_token)
     logs.register_url(settings.postgres.url)
     logs.register_url(settings.redis.url)

@@ -1,128 +1,30 @@
-"""One source for /v1/cache/stats and /metrics: ``snapshot(app)`` reads Stats, L1, the Redis pool, the breaker and
-the subscriber; the Prometheus collector renders the same snapshot at scrape time, from a per-app registry.
+"""Prometheus exposition of the instance snapshot (service.snapshot), from a per-app registry.
 
-Per-endpoint latency is the one thing Stats does not hold: ``observe_middleware`` times every request into a
-prometheus Histogram (route template, method, status class), and runs the tracing middleware when tracing is on.
+The collector renders the same snapshot as ``/v1/cache/stats`` at scrape time, so the two always agree. Per-endpoint
+latency (the one thing Stats does not hold) is observed by the request wrapper (service.observed) into lock-free
+histograms exported here. This module knows nothing of the app: the composition root hands it a source.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from functools import partial
-from random import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from aiohttp import web
-from opentelemetry import context as otel_context
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from actors.stats import COUNTERS
+from actors.stats import COUNTERS, Stats
 from actors.stats import Histogram as StatsHistogram
-from service import appkeys as K
-from service.problems import answer_failure, guarded
-from tiers.coherence.redis_store import RedisStore
 
-L1_SAMPLE = 256  # entries read to estimate L1 bytes (bounded scrape cost)
-ENTRY_OVERHEAD = 232  # bytes per L1 entry besides key and body: Entry object, cache links, dict slot (approx.)
 BREAKER_STATES = ("closed", "open", "half_open")
 HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+# (snapshot, stats), or None while the app's resources do not exist yet
+Source = Callable[[], "tuple[dict[str, Any], Stats] | None"]
 
-# ---------------------------------------------------------------- the snapshot
-
-
-def _merge(histograms: list[StatsHistogram]) -> StatsHistogram:
-    out = StatsHistogram()
-    for h in histograms:
-        out.count += h.count
-        out.total += h.total
-        out.buckets = [a + b for a, b in zip(out.buckets, h.buckets, strict=True)]
-    return out
-
-
-def _percentiles(h: StatsHistogram) -> dict[str, Any]:
-    return {"count": h.count, "p50": h.quantile(0.5), "p99": h.quantile(0.99)}
-
-
-def breaker_state(app: web.Application) -> str:
-    """The Redis circuit breaker's state ("absent" when the instance runs without Redis)."""
-    handles = app.get(K.REDIS)
-    breaker = handles.breaker if handles is not None else None
-    return breaker.state.value if breaker is not None else "absent"
-
-
-def l1_bytes(app: web.Application) -> int:
-    """Approximate L1 bytes: mean (key + body + overhead) of up to L1_SAMPLE entries, times the entry count."""
-    l1 = app[K.L1_CACHE]
-    n = len(l1)
-    if not n:
-        return 0
-    total = seen = 0
-    for key, entry in l1.items_sample(L1_SAMPLE):
-        total += len(key) + len(entry.body) + ENTRY_OVERHEAD
-        seen += 1
-    return round(total / seen * n) if seen else 0
-
-
-def snapshot(app: web.Application) -> dict[str, Any]:
-    stats = app[K.STATS]
-    types = stats.by_type()
-    for dt, row in types.items():
-        hits = row["l1_hits"] + row["l2_hits"]
-        lookups = hits + row["misses"]
-        row["hit_ratio"] = round(hits / lookups, 6) if lookups else None
-        row["latency_seconds"] = {
-            tier: _percentiles(h) for (t, tier), h in sorted(stats.latency.items()) if t.value == dt
-        }
-    tiers: dict[str, list[StatsHistogram]] = {}
-    for (_dt, tier), h in stats.latency.items():
-        tiers.setdefault(tier, []).append(h)
-    l1 = app[K.L1_CACHE]
-    redis = app[K.REDIS]
-    pool = redis.pool
-    co = app[K.COHERENCE]
-    bus = co.store is not None
-    return {
-        "instance": app[K.SETTINGS].server.instance_id,
-        "types": types,
-        "latency_seconds": {tier: _percentiles(_merge(hs)) for tier, hs in sorted(tiers.items())},
-        "l1": {
-            "size": len(l1),
-            "max_entries": l1.max_entries,
-            "serving": l1.serving,
-            "approx_bytes": l1_bytes(app),
-        },
-        "redis": {
-            "enabled": redis.cache is not None,
-            "pool_in_use": pool.in_use if pool else 0,
-            "pool_idle": pool.idle if pool else 0,
-            "pool_max": pool.max_connections if pool else 0,
-        },
-        "breaker": {"state": breaker_state(app)},
-        "subscriber": {
-            "enabled": bus,
-            "subscribed": co.subscribed,
-            "sessions": co.sessions,
-            "seq_gaps": co.seq_gaps,
-            "reconnects": co.reconnects,
-            "received": co.received,
-            "echoes_skipped": co.echoes_skipped,
-            "lease_lapses": co.lease_lapses,
-        },
-        "coherence": {
-            "bound_seconds": co.config.bound,
-            "l1_epochs": l1.epochs,
-            "incarnation_changes": co.store.guard.changes if isinstance(co.store, RedisStore) else 0,
-            "outbox_applied": co.outbox_applied,
-        },
-    }
-
-
-# ---------------------------------------------------------------- Prometheus
 
 _COUNTER_METRICS = {
     "misses": ("aframp_cache_misses", "Lookups that missed L1 and L2 and went to the origin"),
@@ -136,20 +38,19 @@ _COUNTER_METRICS = {
 
 
 class StatsCollector(Collector):
-    """Renders ``snapshot(app)`` and the Stats latency histograms at scrape time."""
+    """Renders the snapshot and the Stats latency histograms at scrape time."""
 
-    def __init__(self, app: web.Application) -> None:
-        self.app = app
+    def __init__(self, source: Source) -> None:
+        self.source = source
 
     def describe(self) -> list[Any]:
         return []  # collected lazily; never at registration (the app's resources do not exist yet)
 
     def collect(self) -> Iterator[Any]:
-        app = self.app
-        if K.STATS not in app or K.L1_CACHE not in app:
+        got = self.source()
+        if got is None:
             return
-        snap = snapshot(app)
-        stats = app[K.STATS]
+        snap, stats = got
         hits = CounterMetricFamily(
             "aframp_cache_hits", "Lookups answered by a cache tier", labels=["data_type", "tier"]
         )
@@ -262,9 +163,9 @@ class _HttpCollector:
 class Metrics:
     """The per-app registry (never the global one: several apps may live in one process)."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, source: Source) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StatsCollector(app))
+        self.registry.register(StatsCollector(source))
         # per-endpoint latency: lock-free histograms (one event loop writes them), exported by a collector
         self.http: dict[tuple[str, str, str], StatsHistogram] = {}
         self.registry.register(_HttpCollector(self.http))
@@ -278,48 +179,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def observed(handler: Any, route: str) -> Any:
-    """Wrap one route's handler: traces (when on), its latency histogram, and every failure turned into a
-    problem document (service.problems.guarded). A wrapper per route instead of an app middleware: aiohttp runs
-    every middleware layer (and one of its own) on every request, a quarter of the hot path's time."""
-
-    async def endpoint(request: web.Request) -> web.StreamResponse:
-        app = request.app
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            telemetry = app[K.TELEMETRY]
-            if telemetry.server_middleware is not None and (
-                telemetry.head_ratio is None or "traceparent" in request.headers or random() < telemetry.head_ratio
-            ):  # a traced request: the maintained aiohttp instrumentation
-                with telemetry.active():
-                    resp = await telemetry.server_middleware(request, partial(guarded, handler=handler))
-            elif telemetry.server_middleware is not None:  # sampled out at the edge: no instrumentation at all
-                token = otel_context.attach(telemetry.unsampled())
-                try:
-                    resp = await guarded(request, handler)
-                finally:
-                    otel_context.detach(token)
-            else:
-                try:
-                    resp = await handler(request)
-                except Exception as exc:  # one coroutine layer less than calling guarded()
-                    resp = answer_failure(request, exc)
-            status = resp.status
-            return resp
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            app[K.METRICS].observe_http(route, request.method, status, time.perf_counter() - t0)
-
-    endpoint.__name__ = getattr(handler, "__name__", "endpoint")
-    endpoint.__doc__ = getattr(handler, "__doc__", None)
-    return endpoint
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    body = request.app[K.METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -16,8 +16,10 @@ from actors.messages import Lookup, Source
 from actors.wallets import EventResult
 from service import appkeys as K
 from service import validation as v
-from service.metrics import metrics_handler, observed, snapshot
+from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.observed import observed
 from service.problems import Problem, bad_request, not_found
+from service.snapshot import snapshot
 from tiers import keys
 from tiers.keys import InvalidKey
 
@@ -213,6 +215,11 @@ async def cache_stats(request: web.Request) -> web.Response:
 
     The same snapshot feeds /metrics, so the two always agree."""
     return web.Response(body=orjson.dumps(snapshot(request.app)), content_type=JSON)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = request.app[K.METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def dashboard(request: web.Request) -> web.Response:
