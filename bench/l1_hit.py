@@ -39,12 +39,13 @@ def make_actor(store: Any = None, max_entries: int | None = None) -> Any:
 
     settings = load_settings(ROOT / "config.toml", {"REDIS_URL": "none", "DATABASE_URL": "postgresql://x@127.0.0.1/x"})
     stats = Stats()
-    l1 = L1(max_entries or settings.l1.max_entries, settings.l1.max_ttl, bound=settings.coherence.bound)
+    # entries live an hour: a long run on a loaded machine must not see them expire (and go to a missing origin)
+    l1 = L1(max_entries or settings.l1.max_entries, 3600.0, bound=settings.coherence.bound)
     coherence = Coherence(coherence_config(settings), l1=l1, store=store, count=stats.inc)
     return RatesActor(origin=None, l1=l1, coherence=coherence, policy=build_policy(settings), stats=stats)
 
 
-def install(actor: Any, key: Any, body: bytes, ttl: float = 90.0) -> bool:
+def install(actor: Any, key: Any, body: bytes, ttl: float = 3600.0) -> bool:
     """Setup only: put the entry a load would install into the actor's L1."""
     now = time.time()
     entry = actor.read_through._entry(body, now, ttl, now + ttl, False, "", "")
