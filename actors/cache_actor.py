@@ -20,27 +20,28 @@ import secrets
 from opentelemetry.trace import Tracer
 
 from actors.base import Actor, ActorStopped
-from actors.messages import Answer, Load, Lookup, Refresh, Start
+from actors.messages import Answer, Landed, Load, Lookup, Refresh, Start
 from actors.read_through import Policy, ReadThrough
 from actors.stats import Stats
 from actors.tracing import key_attributes, l1_span
-from tiers.coherence import Acquired, Coherence, Status
+from tiers.coherence import Coherence, Status
 from tiers.errors import OriginError
 from tiers.keys import CacheKey, Namespace, namespace_of
 from tiers.l1 import L1
 
 
 class _Flight:
-    __slots__ = ("future", "key", "offer", "start")
+    __slots__ = ("future", "joined", "key", "offer", "start")
 
     def __init__(self, key: CacheKey, start: Start) -> None:
         self.key = key
         self.start = start
-        self.future: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[Landed] = asyncio.get_running_loop().create_future()
         self.future.add_done_callback(_consume)
-        self.offer: Acquired | None = None  # a lease another local reader won, handed to this waiting load
+        self.offer: Start | None = None  # a lease another local reader won (with its token), handed to this load
+        self.joined = 0  # readers that joined it after it began
 
-    def take_offer(self) -> Acquired | None:
+    def take_offer(self) -> Start | None:
         offer, self.offer = self.offer, None
         return offer
 
@@ -49,7 +50,7 @@ class _Flight:
         return self.start.acquired is not None and self.start.acquired.status is Status.TAKEN
 
 
-def _consume(fut: asyncio.Future[Lookup]) -> None:
+def _consume(fut: asyncio.Future[Landed]) -> None:
     """Mark a shared load's outcome as retrieved even if every asker went away."""
     if not fut.cancelled():
         fut.exception()
@@ -99,16 +100,34 @@ class CacheActor(Actor):
             return lookup
 
     async def _miss(self, key: CacheKey) -> Lookup:
+        arrived = self.l1.clock()
         flight = self._flights.get(key.rendered)
         if flight is not None and self.l1.valid(flight.start.ticket):
-            return await asyncio.shield(flight.future)  # joined: no Redis call, no mailbox hop
+            flight.joined += 1
+            landed = await asyncio.shield(flight.future)  # joined: no Redis call, no mailbox hop
+        else:
+            rt = self.read_through
+            ticket = rt.ticket(key)
+            token = secrets.token_hex(8)
+            first = await rt.first(key, ticket, token)
+            if isinstance(first, Lookup):
+                return first
+            landed = await self.ask(Load(key, Start(ticket, token, first)))
+        if landed.lookup.vouched or arrived - landed.fetched <= self.coherence.config.join_window:
+            return landed.lookup
+        # This reader joined a load begun before it arrived, whose value nothing vouches for (read while a write was
+        # fenced, so maybe before that write's commit; no message follows a commit): read again, alone.
+        self.stats.inc(key.data_type, "rereads")
+        return await self._alone(key)
+
+    async def _alone(self, key: CacheKey) -> Lookup:
         rt = self.read_through
         ticket = rt.ticket(key)
         token = secrets.token_hex(8)
         first = await rt.first(key, ticket, token)
         if isinstance(first, Lookup):
             return first
-        return await self.ask(Load(key, Start(ticket, token, first)))
+        return await rt.load(key, Start(ticket, token, first), lambda: None)
 
     async def warm(self, keys_: list[CacheKey], concurrency: int = 8) -> int:
         """Read ``keys_`` through the normal path (so warming is coherent and single-flight); returns how many
@@ -146,15 +165,16 @@ class CacheActor(Actor):
                 return None
         raise TypeError(f"{self.name}: unexpected message {type(msg).__name__}")
 
-    def _on_load(self, key: CacheKey, start: Start) -> asyncio.Future[Lookup]:
+    def _on_load(self, key: CacheKey, start: Start) -> asyncio.Future[Landed]:
         rendered = key.rendered
         flight = self._flights.get(rendered)
         if flight is not None and not flight.future.done() and self.l1.valid(flight.start.ticket):
             won = start.acquired is not None and start.acquired.status is Status.LEASE
             if won and flight.waiting and flight.offer is None:
-                flight.offer = start.acquired  # the waiting load may go to the origin at once
+                flight.offer = start  # the waiting load may go to the origin at once, under this lease
             elif won:
                 self.spawn(self.coherence.release(key, start.token), name=f"{self.name}:release")
+            flight.joined += 1
             return flight.future
         flight = _Flight(key, start)
         self._flights[rendered] = flight
@@ -173,7 +193,7 @@ class CacheActor(Actor):
                 flight.future.set_exception(err)
         else:
             if not flight.future.done():
-                flight.future.set_result(lookup)
+                flight.future.set_result(Landed(lookup, flight.start.ticket.fetched))
         finally:
             if self._flights.get(flight.key.rendered) is flight:
                 del self._flights[flight.key.rendered]

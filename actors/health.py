@@ -14,7 +14,8 @@ class Pingable(Protocol):
 
 
 class Subscriber(Protocol):
-    subscribed: bool
+    @property
+    def listening(self) -> bool: ...
 
 
 class HealthProbe:
@@ -42,8 +43,8 @@ class HealthProbe:
             _up(self.postgres.ping(), self.pg_timeout),
             _up(self.redis.ping(), self.redis_timeout) if self.redis is not None else _down(),
         )
-        subscribed = self.bus is not None and self.bus.subscribed
-        return {"postgres": pg, "redis": rd, "invalidation": "subscribed" if subscribed else "disconnected"}
+        hearing = self.bus is not None and self.bus.listening  # subscribed, and its lease proves it hears the bus
+        return {"postgres": pg, "redis": rd, "invalidation": "subscribed" if hearing else "disconnected"}
 
 
 async def _up(ping: Awaitable[None], limit: float) -> str:

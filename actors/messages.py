@@ -2,7 +2,7 @@
 
 To an actor (its mailbox):
 
-* :class:`Load` — *ask*, reply :class:`Lookup`: an L1 miss that found no fresh value in Redis (or could not ask
+* :class:`Load` — *ask*, reply :class:`Landed`: an L1 miss that found no fresh value in Redis (or could not ask
   Redis). The actor joins the load already in flight for the key or starts one.
 * :class:`Refresh` — *tell*: a hot entry is close to its expiry; reload it in the background (one load fleet-wide).
 
@@ -37,6 +37,10 @@ class Lookup:
     loaded_at: float  # wall-clock seconds
     gens: str = ""  # the Redis generations the value was made under (a value derived from it carries them)
     incarnation: str = ""  # the Redis incarnation it was loaded in
+    # False when nothing vouches that the value was still current when the load ended (it was read while a write was
+    # fenced, Redis refused or could not take its fill, or it is STALE): then only the reader that loaded it, or one
+    # that joined within the join window, may be answered with it (tiers.coherence, rule 4)
+    vouched: bool = True
 
     @property
     def negative(self) -> bool:
@@ -71,7 +75,15 @@ class Start:
 
 
 @dataclass(frozen=True, slots=True)
-class Load(Ask[Lookup]):
+class Landed:
+    """A load's outcome, and when its fetch began (the L1 clock of its ticket)."""
+
+    lookup: Lookup
+    fetched: float
+
+
+@dataclass(frozen=True, slots=True)
+class Load(Ask[Landed]):
     key: CacheKey
     start: Start
 

@@ -47,6 +47,13 @@ class Policy:
         """How long Redis keeps a value (ms): its TTL, plus max-stale for a real (not short) answer."""
         return int((self.ttl_for(dt, short) + (0 if short else self.max_stale.get(dt, 0))) * 1000)
 
+    def gen_px(self, key: CacheKey, short: bool) -> int:
+        """How long a source's generation lives once a fill creates it: as long as the longest value that may be
+        guarded by it (its own, or one derived from it: a conversion, a trustline). Of a short answer (a 404), as
+        long as short answers live: a read of an unknown key leaves nothing behind its answer."""
+        types = [key.data_type, *(ns.data_type for ns in keys.DERIVED_FROM.get(key.namespace, ()))]
+        return max(self.px(dt, short) for dt in types)
+
 
 def fleet_wait_delays(total: float) -> Iterable[float]:
     """Back-off delays (seconds) for a waiter polling another instance's fill, summing to about ``total``."""
@@ -122,13 +129,13 @@ class ReadThrough:
         return acq
 
     # ------------------------------------------------------------ a load (one per key in this process)
-    async def load(self, key: CacheKey, start: Start, offered: Callable[[], Acquired | None]) -> Lookup:
-        acq = start.acquired
+    async def load(self, key: CacheKey, start: Start, offered: Callable[[], Start | None]) -> Lookup:
+        acq, token = start.acquired, start.token
         if acq is not None and acq.status is Status.TAKEN:
-            acq = await self._wait(key, start.token, acq, offered)
+            acq, token = await self._wait(key, token, acq, offered)
         if acq is not None and acq.status is Status.HIT and acq.stored is not None:
             return self._hit(key, start.ticket, acq.stored)
-        return await self._from_origin(key, start.ticket, start.token, acq)
+        return await self._from_origin(key, start.ticket, token, acq)
 
     async def refresh(self, key: CacheKey, token: str) -> bool:
         """Reload a hot key before it expires, if this instance wins its lease; True if it loaded."""
@@ -141,19 +148,20 @@ class ReadThrough:
         return True
 
     async def _wait(
-        self, key: CacheKey, token: str, acq: Acquired, offered: Callable[[], Acquired | None]
-    ) -> Acquired | None:
-        """Another instance holds the lease: poll (bounded) for its fill; a local reader may hand us its lease."""
+        self, key: CacheKey, token: str, acq: Acquired, offered: Callable[[], Start | None]
+    ) -> tuple[Acquired | None, str]:
+        """Another instance holds the lease: poll (bounded) for its fill; a local reader may hand us its lease
+        (with its token: the lease is the offerer's, and the fill and release must name it)."""
         for delay in fleet_wait_delays(self.policy.lease_wait):
             await asyncio.sleep(delay)  # polling a peer's fill, with a deadline
             given = offered()
             if given is not None:
-                return given
+                return given.acquired, given.token
             nxt = await self.acquire(key, token)
             if nxt is None or nxt.status is not Status.TAKEN:
-                return nxt
+                return nxt, token
             acq = nxt
-        return acq  # still taken: load ourselves (the fill's generation check still guards it)
+        return acq, token  # still taken: load ourselves (the fill's generation check still guards it)
 
     async def _from_origin(self, key: CacheKey, ticket: Ticket, token: str, acq: Acquired | None) -> Lookup:
         dt = key.data_type
@@ -186,7 +194,7 @@ class ReadThrough:
             self.stats.inc(dt, "stale_served")
             if acq is not None and acq.status is Status.LEASE:
                 await self.coherence.release(key, token)
-            return Lookup(body, Source.STALE, source.loaded_at)
+            return Lookup(body, Source.STALE, source.loaded_at, vouched=False)
         # the generations the fill must present: a derived value's are those of the source value it was computed
         # from; a source value's are those its load saw in Redis
         if source is not None:
@@ -212,6 +220,7 @@ class ReadThrough:
                         loaded_at=loaded_at,
                         short=short,
                         px=self.policy.px(dt, short),
+                        gen_px=self.policy.gen_px(key, short),
                     )
                 refused = stored is None
             except CacheUnavailable:
@@ -231,7 +240,8 @@ class ReadThrough:
             entry = self._entry(body, loaded_at, ttl, loaded_at + ttl, short, gens, incarnation)
             if not self.l1.install(ticket, entry):
                 self.stats.inc(dt, "fills_rejected")
-        return Lookup(body, Source.MISS, loaded_at, gens, incarnation)
+        vouched = stored is not None or self.coherence.store is None  # Redis accepted it, or there is no Redis
+        return Lookup(body, Source.MISS, loaded_at, gens, incarnation, vouched)
 
     # ------------------------------------------------------------ helpers
     def _hit(self, key: CacheKey, ticket: Ticket, stored: codec.Stored) -> Lookup:
@@ -287,7 +297,7 @@ class ReadThrough:
         self.stats.inc(dt, "stale_served")
         if self.tracer is not None:
             self.tracer.start_span("cache.stale", attributes=key_attributes(key, "stale", "stale")).end()
-        return Lookup(body, Source.STALE, loaded_at)
+        return Lookup(body, Source.STALE, loaded_at, vouched=False)
 
     def _span(self, name: str, key: CacheKey, tier: str) -> Any:
         """A span of one tier step (a no-op context when spans are not recorded)."""

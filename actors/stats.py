@@ -16,6 +16,7 @@ COUNTERS = (
     "stale_served",
     "fills_rejected",
     "refreshes",
+    "rereads",
     "invalidations_sent",
     "invalidations_received",
 )

@@ -142,9 +142,10 @@ class TrustlinesActor(CacheActor):
             # cached for an hour. The trustline's own last-known value (if any) is served stale instead.
             raise OriginUnavailable("horizon", f"account {account_id}: Horizon unavailable (balance served stale)")
         if lookup.negative:
-            return None  # the account is not on the ledger: 404
+            return Answer(codec.NEGATIVE, short=True, source=lookup)  # the account is not on the ledger: 404
         body = trustline_document(codec.loads(lookup.body), account_id, code, issuer)  # type: ignore[arg-type]
-        return Answer(codec.dumps(body), short=not body["exists"])
+        # derived from the balances document: it dies with the balance's generation (an event, a write)
+        return Answer(codec.dumps(body), short=not body["exists"], source=lookup)
 
     async def created(
         self, account_id: str, asset_code: str, asset_issuer: str, authorized: bool | None = None
@@ -153,7 +154,15 @@ class TrustlinesActor(CacheActor):
         key = keys.trustline(account_id, asset_code, asset_issuer)
         body = trustline_body(account_id, asset_code, asset_issuer, exists=True, authorized=authorized)
         dt = key.data_type
-        await self.coherence.replace(key, codec.dumps(body), self.policy.ttl_for(dt, False), self.policy.px(dt, False))
         balance = keys.balance(account_id)
-        await self.coherence.invalidate([balance])
+        # one script: the balance is invalidated (its generation moves on) and the trustline installed under the
+        # new generation, so the told answer lives until the balance changes again, and all of it happens or none
+        await self.coherence.replace(
+            key,
+            keys.deps_of(key),
+            codec.dumps(body),
+            ttl=self.policy.ttl_for(dt, False),
+            px=self.policy.px(dt, False),
+            invalidate=[balance],
+        )
         return EventResult((balance.rendered,), (key.rendered,))

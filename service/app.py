@@ -227,6 +227,7 @@ def coherence_config(s: Settings) -> CoherenceConfig:
         channel=s.redis.channel,
         instance_id=s.server.instance_id,
         bound=c.bound,
+        join_window=c.join_window,
         ping_interval=c.ping_interval,
         dead_after=c.dead_after,
         fence_ttl=c.fence_ttl,
@@ -242,8 +243,8 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[K.SETTINGS]
     stats = Stats()
     handles = app[K.REDIS]
-    l1 = L1(s.l1.max_entries, s.l1.max_ttl, bound=s.coherence.bound)
     config = coherence_config(s)
+    l1 = L1(s.l1.max_entries, s.l1.max_ttl, bound=config.lease)
     store = None
     if handles.cache is not None and handles.incarnation is not None and handles.subscriber is not None:
         store = RedisStore(
@@ -297,11 +298,25 @@ async def coherence_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(coherence.run_bus(), name="coherence-bus"),
         asyncio.create_task(coherence.run_outbox(), name="coherence-outbox"),
     ]
+    if isinstance(coherence.store, RedisStore):
+        tasks.append(asyncio.create_task(_check_eviction_policy(coherence.store), name="coherence-policy-check"))
     try:
         yield
     finally:
         for task in tasks:
             await cancel_and_wait(task)
+
+
+async def _check_eviction_policy(store: RedisStore) -> None:
+    """The protocol's fences and generations must never be evicted: say so loudly if Redis may evict them."""
+    policy = await store.eviction_policy()
+    if policy is not None and policy != "noeviction":
+        log.error(
+            "redis maxmemory-policy is %r: Redis may evict the coherence protocol's fences and generations under "
+            "memory pressure and serve stale values; set maxmemory-policy noeviction (docs/COHERENCE.md)",
+            policy,
+            extra={"event": "redis_eviction_policy", "policy": policy},
+        )
 
 
 # ---------------------------------------------------------------- lifecycle

@@ -103,6 +103,7 @@ class L1Settings:
 @dataclass(frozen=True, slots=True)
 class CoherenceSettings:
     bound: float
+    join_window: float
     ping_interval: float
     dead_after: float
     fence_ttl: float
@@ -348,6 +349,7 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
 
     coherence = CoherenceSettings(
         bound=cv("bound"),
+        join_window=cv("join_window"),
         ping_interval=cv("ping_interval"),
         dead_after=cv("dead_after"),
         fence_ttl=cv("fence_ttl"),
@@ -357,11 +359,16 @@ def settings_from(doc: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         outbox_sweep=cv("outbox_sweep"),
         outbox_grace=cv("outbox_grace"),
     )
-    if coherence.ping_interval >= coherence.bound:
-        raise ConfigError("coherence.ping_interval: must be below coherence.bound (the lease is renewed by pings)")
-    if coherence.fence_ttl < 3 * postgres.command_timeout:
+    if coherence.join_window >= coherence.bound / 2:
+        raise ConfigError("coherence.join_window: must be below half of coherence.bound")
+    if coherence.ping_interval >= coherence.bound - coherence.join_window:
         raise ConfigError(
-            "coherence.fence_ttl: must be at least 3 x postgres.command_timeout (a fence outlives any write)"
+            "coherence.ping_interval: must be below coherence.bound - coherence.join_window (the lease pings renew)"
+        )
+    if coherence.fence_ttl < 3 * (postgres.command_timeout + postgres.connect_timeout):
+        raise ConfigError(
+            "coherence.fence_ttl: must be at least 3 x (postgres.command_timeout + postgres.connect_timeout): a fence "
+            "outlives any write"
         )
 
     otel = {k: v for k, v in env.items() if k.startswith("OTEL_")}

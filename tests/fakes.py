@@ -151,8 +151,8 @@ class FakeStore:
         *,
         refresh: bool = False,
     ) -> Acquired:
+        incarnation = self.guard.incarnation  # the script's argument, taken before the call (re)connects
         s = self._call()
-        incarnation = self.guard.incarnation
         cur = s.gens(sources)
         raw = s.value(key)
         keep = None
@@ -160,35 +160,49 @@ class FakeStore:
             stored = codec.unpack(raw)
             if stored is not None and stored.incarnation == incarnation and stored.gens == cur:
                 if not refresh and stored.fresh_until_ms > now_ms:
+                    if incarnation and self.guard.incarnation != incarnation:
+                        raise CacheUnavailable("fake redis: incarnation changed during the call")
                     return Acquired(Status.HIT, stored, cur, incarnation)
                 keep = stored
-        if keep is None:
-            pre = s._live(s.state.pre, key)
-            stored = codec.unpack(pre[0]) if pre is not None else None
-            if stored is not None and stored.incarnation == incarnation:
-                keep = stored
         if s.fenced(sources):
-            return Acquired(Status.FENCED, keep, cur, incarnation)
-        if s._live(s.state.leases, key) is None:
+            status = Status.FENCED
+        elif s._live(s.state.leases, key) is None:
             s.state.leases[key] = (token, s._now() + lease_ms / 1000)
-            return Acquired(Status.LEASE, keep, cur, incarnation)
-        return Acquired(Status.TAKEN, keep, cur, incarnation)
+            status = Status.LEASE
+        else:
+            status = Status.TAKEN
+        if incarnation and self.guard.incarnation != incarnation:
+            raise CacheUnavailable("fake redis: incarnation changed during the call")
+        return Acquired(status, keep, cur, incarnation)
 
     async def fill(
-        self, key: str, sources: Sequence[str], gens: str, token: str, head: bytes, tail: bytes, px: int
+        self,
+        key: str,
+        sources: Sequence[str],
+        gens: str,
+        token: str,
+        head: bytes,
+        tail: bytes,
+        px: int,
+        *,
+        gen_px: int,
     ) -> str | None:
         s = self._call()
         cur = s.gens(sources)
         if cur != gens or s.fenced(sources):
             return None
         now = s._now()
+        keep = max(gen_px, px) / 1000
         if tuple(sources) == (key,):
             item = s._live(s.state.gens, key)
             if item is None:
+                lease = s._live(s.state.leases, key)
+                if lease is None or lease[0] != token:  # a cold fill needs the lease (a purge deletes it)
+                    return None
                 cur = str(int(now * 1_000_000))
-                s.state.gens[key] = (int(cur), now + px / 1000)
-            elif item[1] < now + px / 1000:
-                s.state.gens[key] = (item[0], now + px / 1000)
+                s.state.gens[key] = (int(cur), now + keep)
+            elif item[1] < now + keep:
+                s.state.gens[key] = (item[0], now + keep)
         elif "0" in cur.split(","):
             return None
         s.state.values[key] = (head + cur.encode() + tail, now + px / 1000)
@@ -210,7 +224,7 @@ class FakeStore:
         now = s._now()
         for src in sources:
             if fence and fence_ms > 0:
-                if src in s.state.values and s._live(s.state.values, src) is not None:
+                if s._live(s.state.values, src) is not None:
                     s.state.pre[src] = s.state.values[src]
             else:
                 s.state.pre.pop(src, None)
@@ -229,11 +243,44 @@ class FakeStore:
             s.state.fences.get(src, {}).pop(token, None)
             if committed:
                 s.state.pre.pop(src, None)
+                continue
+            if s.fenced([src]) or s._live(s.state.values, src) is not None:
+                continue  # another writer still fences it (it decides), or the key was refilled
+            pre = s.state.pre.pop(src, None)
+            stored = codec.unpack(pre[0]) if pre is not None and pre[1] > s._now() else None
+            if stored is not None and s.gen(src):  # the write failed: the value is the truth again
+                head, tail = codec.pack_parts(
+                    stored.body, stored.fresh_until_ms, stored.loaded_at_ms, short=stored.short,
+                    incarnation=stored.incarnation,
+                )  # fmt: skip
+                s.state.values[src] = (head + str(s.gen(src)).encode() + tail, pre[1])
 
-    async def replace(self, key: str, head: bytes, tail: bytes, px: int, message: bytes) -> int:
+    async def replace(
+        self,
+        key: str,
+        sources: Sequence[str],
+        head: bytes,
+        tail: bytes,
+        px: int,
+        message: bytes,
+        *,
+        invalidate: Sequence[str] = (),
+    ) -> int:
         s = self._call()
-        gen = s.bump(key, self.gen_px)
-        s.state.values[key] = (head + str(gen).encode() + tail, s._now() + px / 1000)
+        for src in invalidate:
+            for table in (s.state.values, s.state.leases, s.state.pre):
+                table.pop(src, None)
+            s.bump(src, self.gen_px)
+        if tuple(sources) == (key,):
+            gens: str | None = str(s.bump(key, self.gen_px))
+        else:
+            gens = s.gens(sources)
+            if "0" in gens.split(","):
+                gens = None
+        if gens is not None:
+            s.state.values[key] = (head + gens.encode() + tail, s._now() + px / 1000)
+        else:
+            s.state.values.pop(key, None)
         s.state.leases.pop(key, None)
         return s.publish(self.channel, message)
 
@@ -241,6 +288,8 @@ class FakeStore:
         from fnmatch import fnmatchcase
 
         s = self._call()
+        for src in [k for k in s.state.gens if fnmatchcase(k, pattern)]:
+            s.bump(src, self.gen_px)
         doomed = [k for k in s.state.values if fnmatchcase(k, pattern)]
         for k in doomed:
             del s.state.values[k]

@@ -13,13 +13,13 @@ import pytest
 
 from actors.base import Actor, ActorStopped, Ask
 from actors.cache_actor import CacheActor
-from actors.messages import Answer, Source
+from actors.messages import Answer, Source, Start
 from actors.read_through import Policy
 from actors.stats import Stats
 from tests.conftest import eventually
 from tests.fakes import FakeRedis, FakeStore
 from tiers import codec, keys
-from tiers.coherence import Coherence, CoherenceConfig
+from tiers.coherence import Coherence, CoherenceConfig, Status
 from tiers.errors import OriginUnavailable
 from tiers.keys import CacheKey, DataType, Namespace, rate
 from tiers.l1 import L1, Entry
@@ -290,6 +290,33 @@ async def test_a_rate_read_during_a_write_fence_cannot_vouch_for_a_conversion():
             await x.stop()
 
 
+async def test_a_lease_handed_to_a_waiting_load_fills_under_the_offerers_token():
+    """A load that began TAKEN (another holder) and is handed a local reader's lease fills under that reader's token:
+    the fill of a never-loaded source needs the lease, so filling under the waiter's own token was refused and every
+    peer waited out ``lease_wait`` and loaded again (bench/stampede: 3 loads for 3 instances)."""
+    server = FakeRedis()
+    gate = Gate()
+    gate.gate.set()
+    a = instance(server, gate, "a")
+    await a.start()
+    try:
+        rt, key = a.read_through, rate("A", "B")
+        server.state.leases[key.rendered] = ("elsewhere", server.clock() + 60)
+        taken = await rt.acquire(key, "waiter")
+        assert taken is not None and taken.status is Status.TAKEN
+        del server.state.leases[key.rendered]  # the other holder gave up
+        won = await rt.acquire(key, "offerer")
+        assert won is not None and won.status is Status.LEASE
+        offer = Start(rt.ticket(key), "offerer", won)
+        lookup = await rt.load(key, Start(rt.ticket(key), "waiter", taken), lambda: offer)
+        assert lookup.vouched and lookup.source is Source.MISS
+        assert await FakeStore(server).read(key.rendered, (key.rendered,)) is not None  # peers will hit it
+        assert key.rendered not in server.state.leases  # and the lease went with the fill
+        assert gate.loads == 1
+    finally:
+        await a.stop()
+
+
 async def test_a_new_redis_incarnation_empties_l1_and_ignores_restored_values():
     server = FakeRedis()
     gate = Gate()
@@ -343,6 +370,15 @@ def test_l1_tickets_trust_lease_and_bounds():
     assert l1.get("y") is None
     l1.trusted_until = now[0] + 1  # renewed in the same session: served again
     assert l1.get("y") is not None
+    # last-known values (stale-if-error) obey the lease too: a missed invalidation must not come back as STALE
+    l1.trusted_until = now[0] + 1
+    assert put("z1", 5) and l1.last_known("z1") is not None
+    l1.trusted_until = now[0]
+    now[0] += 0.2
+    assert l1.last_known("z1") is None
+    # a derived entry is never served on the per-fetch bound (its source may be older than itself)
+    assert put("d1", 5, ("s1",))
+    assert l1.get("d1") is None
     # a new epoch empties L1 and voids tickets in flight
     t = l1.ticket("z")
     l1.new_epoch()

@@ -23,7 +23,7 @@ from service import appkeys as K
 from tests.conftest import AUTH, eventually
 from tests.redis_server import RedisServer
 from tests.tcp_proxy import TcpProxy
-from tiers import codec
+from tiers import codec, keys
 from tiers.keys import DataType
 
 
@@ -361,7 +361,11 @@ async def test_a_commit_nobody_answered_for_is_applied_from_the_outbox(make_clie
         return [(await rate_of(x))[0] for x in (a, b)] == ["0.00042", "0.00042"]
 
     await eventually(everyone_sees_it, timeout=5)
-    assert await pg.fetchval("SELECT count(*) FROM cache_outbox") == 0
+
+    async def row_gone() -> bool:  # deleted in the sweeper's transaction, which commits after the message went out
+        return await pg.fetchval("SELECT count(*) FROM cache_outbox") == 0
+
+    await eventually(row_gone, timeout=5)
     assert sum(x.app[K.COHERENCE].outbox_applied for x in (a, b)) == 1  # claimed once (SKIP LOCKED)
 
 
@@ -434,3 +438,145 @@ async def test_reads_leave_no_index_and_nothing_that_outlives_their_answer(make_
     started = time.monotonic()
     assert (await a.put("/v1/rates/CNGN/USD", json={"rate": "0.0007"}, headers=AUTH)).status == 200
     assert time.monotonic() - started < 1.0
+
+
+# ---------------------------------------------------------------- found by the adversarial review
+
+
+async def test_reads_right_after_a_snapshot_restart_never_get_the_restored_value(
+    make_client, settings_factory, tmp_path
+):
+    """The request pool reconnects inside a call: the incarnation the script compared with must not be the old one.
+    Read at once after the restart, before any subscriber has come back."""
+    server = await RedisServer(tmp_path / "redis").start()
+    try:
+        s = settings_factory(env={"REDIS_URL": server.url})
+        a, b = await make_client(s), await make_client(s)
+        for x in (a, b):
+            await rate_of(x)
+        await server.save()  # the snapshot holds 0.00065, stamped with the current incarnation
+        assert (await a.put("/v1/rates/CNGN/USD", json={"rate": "0.00201"}, headers=AUTH)).status == 200
+        acked = time.monotonic()
+        server.kill9()
+
+        async def backed_off() -> bool:  # the subscribers retry slowly by now: the first reads come before them
+            return all(x.app[K.COHERENCE].reconnects >= 6 for x in (a, b))
+
+        await eventually(backed_off, timeout=10)
+        await server.start()
+        bound = a.app[K.COHERENCE].config.bound
+
+        async def past_bound() -> bool:
+            return time.monotonic() > acked + bound
+
+        await eventually(past_bound)
+        for x in (b, a, b, a):
+            assert (await rate_of(x))[0] == "0.00201"
+    finally:
+        server.stop()
+
+
+async def test_a_failover_and_a_failback_never_resurrect_a_value(make_client, settings_factory, tmp_path):
+    """A demoted master keeps its run_id while its data is replaced by the promoted replica's lagging copy; after a
+    failback to it, nothing stamped before may be served (the incarnation includes the replication id)."""
+    import redis.asyncio as aioredis
+
+    m = await RedisServer(tmp_path / "m").start()
+    r = await RedisServer(tmp_path / "r").start()
+    mc, rc = aioredis.Redis.from_url(m.url), aioredis.Redis.from_url(r.url)
+    proxy = await TcpProxy("127.0.0.1", m.port).start()
+
+    async def synced(replica) -> bool:
+        return (await replica.info("replication")).get("master_link_status") == "up"
+
+    try:
+        await rc.replicaof("127.0.0.1", m.port)
+        await eventually(lambda: synced(rc), timeout=10)
+        s = settings_factory(env={"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"})
+        a, b = await make_client(s), await make_client(s)
+        await rate_of(b)  # filled in M, replicated to R
+
+        async def replicated() -> bool:
+            return await rc.exists("v1:rate:CNGN:USD") == 1
+
+        await eventually(replicated, timeout=5)
+        await rc.replicaof("NO", "ONE")  # R is cut off from M just before the write: it never sees the invalidation
+        assert (await a.put("/v1/rates/CNGN/USD", json={"rate": "0.00301"}, headers=AUTH)).status == 200
+        proxy.target = ("127.0.0.1", r.port)  # failover to R
+        proxy.cut()
+        await mc.replicaof("127.0.0.1", r.port)  # M rejoins as R's replica: its data becomes R's ...
+        await eventually(lambda: synced(mc), timeout=10)
+        await mc.replicaof("NO", "ONE")  # ... and a failback promotes it again, with the same run_id
+        proxy.target = ("127.0.0.1", m.port)
+        proxy.cut()
+        c = await make_client(s)  # an instance started after the failback, too
+        for x in (b, a, c, b, a, c):
+            for _attempt in range(3):  # the first call on a pooled connection the proxy cut may fail: retried
+                resp = await x.get("/v1/rates/CNGN/USD")
+                if resp.status == 200:
+                    break
+            assert (await resp.json())["rate"] == "0.00301"
+    finally:
+        await mc.aclose()
+        await rc.aclose()
+        await proxy.close()
+        m.stop()
+        r.stop()
+
+
+async def test_a_reader_never_gets_a_fenced_load_it_joined_late(make_client, settings_factory, redis_url):
+    """A load that read the origin while a write was fenced (before its commit) carries nothing that vouches for
+    its value, and no message follows the commit: a reader that joined it later than the join window reads again."""
+    proxy = await tcp_proxy(redis_url)
+    a = await make_client()
+    b = await make_client()
+    origin = b.app[K.PG_ORIGIN]
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    real = origin.get_rate
+
+    async def slow_get_rate(base: str, quote: str):  # B's origin answers late (a slow reply path)
+        row = await real(base, quote)
+        entered.set()
+        await gate.wait()
+        return row
+
+    try:
+        origin.get_rate = slow_get_rate
+        await rate_of(a)  # cached in Redis and in A
+        co_b = b.app[K.COHERENCE]
+        heard = co_b.received
+
+        async def b_heard_the_write() -> bool:
+            return co_b.received > heard
+
+        async with a.app[K.RATES].coherence.write([keys.rate("CNGN", "USD")]) as w:
+            await eventually(b_heard_the_write, timeout=2)  # B's load begins after the write's one message
+            first = asyncio.create_task(b.get("/v1/rates/CNGN/USD"))  # fenced: reads the origin, pre-commit
+            await entered.wait()
+            _row, w.outbox_id = await a.app[K.PG_ORIGIN].upsert_rate(
+                "CNGN", "USD", Decimal("0.00999"), "test", outbox=w.keys
+            )
+        acked = time.monotonic()
+        join_window = b.app[K.COHERENCE].config.join_window
+
+        async def late() -> bool:
+            return time.monotonic() > acked + join_window
+
+        await eventually(late)
+        origin.get_rate = real
+        second = asyncio.create_task(b.get("/v1/rates/CNGN/USD"))  # joins the fenced load, late
+        await eventually(lambda: _waiting_on_the_flight(b), timeout=2)
+        gate.set()
+        assert (await (await first).json())["rate"] == "0.00065"  # overlapped the write: either value is fine
+        assert (await (await second).json())["rate"] == "0.00999"
+        assert b.app[K.STATS].get(DataType.EXCHANGE_RATE, "rereads") >= 1
+    finally:
+        gate.set()
+        await proxy.close()
+
+
+async def _waiting_on_the_flight(client) -> bool:
+    """Two readers wait on the one load in flight (the fenced one)."""
+    flights = list(client.app[K.RATES]._flights.values())
+    return len(flights) == 1 and flights[0].joined >= 1

@@ -8,6 +8,7 @@ ignored, sequence numbers consecutive, pongs after the messages queued before th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from tests.fakes import FakeRedis, FakeStore
 from tiers import codec
 from tiers.coherence.redis_store import IncarnationGuard, RedisStore
 from tiers.coherence.store import Message, Pong, Status
+from tiers.errors import CacheUnavailable
 from tiers.l2 import RedisCache
 
 FAR = 2**62  # fresh_until far in the future
@@ -55,7 +57,7 @@ async def fill(
     """Fill ``body`` as a load that saw ``gens``; the generations stored with it, None when refused."""
     inc = store.incarnation if incarnation is None else incarnation
     head, tail = codec.pack_parts(body, FAR, int(time.time() * 1000), incarnation=inc)
-    return await store.fill(key, sources, gens, token, head, tail, 60_000)
+    return await store.fill(key, sources, gens, token, head, tail, 60_000, gen_px=60_000)
 
 
 async def load(store: Any, key: str, sources: tuple[str, ...], token: str, **kw: Any) -> Any:
@@ -159,7 +161,7 @@ async def test_values_of_another_incarnation_are_never_served(store: Any) -> Non
 async def test_replace_installs_a_value_with_a_new_generation(store: Any) -> None:
     a = await load(store, S, (S,), "a")
     head, tail = codec.pack_parts(b'"told"', FAR, 1, incarnation=store.incarnation)
-    await store.replace(S, head, tail, 60_000, b"{}")
+    await store.replace(S, (S,), head, tail, 60_000, b"{}")
     stored = await store.read(S, (S,))
     assert stored is not None and stored.body == b'"told"' and stored.gens not in (a.gens, "0")
     assert not await fill(store, S, (S,), a.gens, "a", b'"loaded"')  # older load
@@ -184,16 +186,16 @@ async def test_messages_are_numbered_consecutively_and_pongs_follow_them(store: 
         await sub.close()
 
 
-async def test_delete_pattern_spares_generations_and_fences(store: Any, redis_client: aioredis.Redis) -> None:
+async def test_delete_pattern_bumps_generations_and_spares_fences(store: Any, redis_client: aioredis.Redis) -> None:
     a = await load(store, S, (S,), "a")
     rate_gens = await fill(store, S, (S,), a.gens, "a", b"1")
     assert await fill(store, D, (S,), rate_gens, "d", b"2")
     await store.invalidate(("v1:rate:CK:EUR",), b"{}", fence="w", fence_ms=30_000)
     assert await store.delete_pattern("v1:rate:*", b"{}") == 2
     assert await store.read(S, (S,)) is None and await store.read(D, (S,)) is None
-    # the generation of S survived: a fill computed under it is still accepted, one under another is not
+    # the generation of S moved on (not deleted: a purge never makes anything valid again)
     b = await load(store, S, (S,), "b")
-    assert b.gens == rate_gens
+    assert b.gens not in (rate_gens, "0")
     assert (await load(store, "v1:rate:CK:EUR", ("v1:rate:CK:EUR",), "c")).status is Status.FENCED
 
 
@@ -202,21 +204,94 @@ async def test_large_values_round_trip_compressed(store: Any) -> None:
     a = await load(store, S, (S,), "a")
     head, tail = codec.pack_parts(body, FAR, 1, incarnation=store.incarnation)
     assert len(head + tail) < len(body) / 2
-    assert await store.fill(S, (S,), a.gens, "a", head, tail, 60_000)
+    assert await store.fill(S, (S,), a.gens, "a", head, tail, 60_000, gen_px=60_000)
     assert (await store.read(S, (S,))).body == body
     assert (await load(store, S, (S,), "b")).stored.body == body  # the Lua header check reads it
 
 
-async def test_a_fenced_write_keeps_the_old_value_aside_for_stale_if_error_only(store: Any) -> None:
+async def test_a_value_a_fenced_write_moved_aside_is_never_served_and_comes_back_if_the_write_fails(
+    store: Any,
+) -> None:
     a = await load(store, S, (S,), "a")
     assert await fill(store, S, (S,), a.gens, "a", b'"v1"')
     await store.invalidate((S,), b"{}", fence="w", fence_ms=30_000)
     during = await load(store, S, (S,), "b")
-    assert during.status is Status.FENCED and during.stored.body == b'"v1"'  # a stale candidate, never a hit
+    assert during.status is Status.FENCED and during.stored is None  # not even as a stale answer
     assert await store.read(S, (S,)) is None
     await store.unfence((S,), "w", committed=False)  # the commit failed: v1 is still the truth
-    after = await load(store, S, (S,), "c")
-    assert after.status is Status.LEASE and after.stored.body == b'"v1"'
+    assert (await store.read(S, (S,))).body == b'"v1"'
     await store.invalidate((S,), b"{}", fence="w2", fence_ms=30_000)
     await store.unfence((S,), "w2", committed=True)  # this one committed: v1 is superseded
+    assert await store.read(S, (S,)) is None
     assert (await load(store, S, (S,), "d")).stored is None
+
+
+async def test_a_failed_write_puts_nothing_back_while_another_write_fences_the_key(store: Any) -> None:
+    a = await load(store, S, (S,), "a")
+    assert await fill(store, S, (S,), a.gens, "a", b'"v1"')
+    await store.invalidate((S,), b"{}", fence="w1", fence_ms=30_000)
+    await store.invalidate((S,), b"{}", fence="w2", fence_ms=30_000)  # may commit v2 at any moment
+    await store.unfence((S,), "w1", committed=False)
+    assert await store.read(S, (S,)) is None  # v1 would be stale the moment w2 commits
+    await store.unfence((S,), "w2", committed=True)
+    assert await store.read(S, (S,)) is None
+
+
+async def test_a_cold_fill_needs_its_lease_so_a_purge_voids_it(store: Any) -> None:
+    a = await load(store, S, (S,), "a")
+    assert a.status is Status.LEASE and a.gens == "0"  # never cached: no generation to bump
+    await store.delete_pattern("v1:rate:*", b"{}")  # the purge deletes the lease
+    assert await fill(store, S, (S,), a.gens, "a", b'"read before the purge"') is None
+    b = await load(store, S, (S,), "b")
+    assert await fill(store, S, (S,), b.gens, "b", b'"read after"')
+
+
+async def test_a_purge_of_a_source_kills_what_was_derived_from_it(store: Any) -> None:
+    a = await load(store, S, (S,), "a")
+    rate_gens = await fill(store, S, (S,), a.gens, "a", b"1")
+    assert await fill(store, D, (S,), rate_gens, "d", b"2")
+    late = await load(store, S, (S,), "late")  # a load racing the purge, with the generation current
+    assert await store.delete_pattern("v1:rate:CK:USD", b"{}") == 1  # the conversion's key does not match ...
+    assert await store.read(D, (S,)) is None  # ... yet it is dead
+    assert await fill(store, S, (S,), late.gens, "late", b"3") is None
+
+
+async def test_replace_of_a_derived_key_invalidates_its_source_and_rides_its_new_generation(store: Any) -> None:
+    src = "v1:wallet:balance:GCK"
+    derived = "v1:wallet:trustline:GCK:USDC:GISSUER"
+    a = await load(store, src, (src,), "a")
+    old = await fill(store, src, (src,), a.gens, "a", b'{"balances":[]}')
+    head, tail = codec.pack_parts(b'{"exists":true}', FAR, 1, incarnation=store.incarnation)
+    await store.replace(derived, (src,), head, tail, 60_000, b"{}", invalidate=(src,))
+    assert await store.read(src, (src,)) is None  # the balance was invalidated in the same script
+    told = await store.read(derived, (src,))
+    assert told is not None and told.body == b'{"exists":true}' and told.gens not in (old, "0")
+    await store.invalidate((src,), b"{}")  # the balance changes again: the told answer goes with it
+    assert await store.read(derived, (src,)) is None
+
+
+async def test_an_acquire_that_reconnects_to_a_restored_redis_never_hits_what_it_restored(tmp_path) -> None:
+    """Real Redis only (it is restarted): the script receives the incarnation as an argument before the call
+    reconnects; a restart from a snapshot in between must not turn a restored value into a hit."""
+    from tests.redis_server import RedisServer
+
+    server = await RedisServer(tmp_path / "redis").start()
+    guard = IncarnationGuard()
+    client = aioredis.Redis.from_url(server.url, redis_connect_func=guard.on_connect)
+    store = RedisStore(RedisCache(client), guard, channel="test:restore", subscriber=client, gen_ttl=3600)
+    try:
+        a = await load(store, S, (S,), "a")
+        assert await fill(store, S, (S,), a.gens, "a", b'"before"')
+        await server.save()
+        server.kill9()
+        await server.start()  # restored: the value is back, stamped with the old incarnation
+        old = guard.incarnation
+        answers = []
+        for token in ("b", "c", "d"):  # these calls reconnect (the handshake sees the new incarnation)
+            with contextlib.suppress(CacheUnavailable):
+                answers.append((await load(store, S, (S,), token)).status)
+        assert guard.incarnation != old
+        assert answers and Status.HIT not in answers
+    finally:
+        await client.aclose()
+        server.stop()

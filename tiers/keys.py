@@ -194,9 +194,15 @@ def namespace_of(rendered: str) -> Namespace | None:
 
 # ---------------------------------------------------------------- sources of derived keys
 #
-# A derived key's value is computed from other cached values, its sources: a conversion from its pair's rate. The
-# coherence protocol (tiers.coherence) keeps a generation per source; a derived value is valid only while the
-# generations it was computed under are current, so invalidating a rate costs O(1) whatever was derived from it.
+# A derived key's value is computed from other cached values, its sources: a conversion from its pair's rate, a
+# trustline answer from its account's balances document. The coherence protocol (tiers.coherence) keeps a generation
+# per source; a derived value is valid only while the generations it was computed under are current, so invalidating
+# a rate (a balance) costs O(1) whatever was derived from it.
+
+DERIVED_FROM: dict[Namespace, tuple[Namespace, ...]] = {
+    Namespace.RATE: (Namespace.CONVERSION,),
+    Namespace.BALANCE: (Namespace.TRUSTLINE,),
+}
 
 
 def deps_of(key: CacheKey) -> tuple[CacheKey, ...]:
@@ -204,4 +210,6 @@ def deps_of(key: CacheKey) -> tuple[CacheKey, ...]:
     if key.namespace is Namespace.CONVERSION:
         _, from_, to = key.parts
         return (rate(from_, to),)
+    if key.namespace is Namespace.TRUSTLINE:
+        return (balance(key.parts[0]),)
     return ()

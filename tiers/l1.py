@@ -17,7 +17,8 @@ The memory of invalidation ticks is bounded: when it is full the oldest tick is 
 
 Trust: an entry is served while the invalidation bus' lease is valid (``trusted_until``, renewed by the bus on
 every confirmed round trip), or, when it is not, only within ``bound`` seconds of the moment its value was
-fetched. Either way no entry is served more than ``bound`` after a write that it missed was acknowledged.
+fetched (never a derived entry then). Either way no entry is served more than ``bound`` after a write that it
+missed was acknowledged. (``bound`` here is the protocol's B minus the flight-join window: tiers.coherence.)
 """
 
 from __future__ import annotations
@@ -99,10 +100,14 @@ class L1:
             entry = self._cache[key]
         except KeyError:
             return None
-        if entry.deps and not self._deps_valid(entry):
-            return None
         now = self.clock()
-        if now < self.trusted_until or now < entry.fetched + self.bound:
+        if now < self.trusted_until:
+            if entry.deps and not self._deps_valid(entry):
+                return None
+            return entry
+        # the lease lapsed: only a value fetched within the bound, and never a derived one (its sources may have
+        # been fetched up to a bound earlier than itself)
+        if not entry.deps and now < entry.fetched + self.bound:
             return entry
         return None
 
@@ -122,9 +127,15 @@ class L1:
         return self.clock() < self.trusted_until
 
     def last_known(self, key: str) -> Entry | None:
-        """The last value this instance held for ``key`` (even expired), unless it was invalidated since."""
+        """The last value this instance held for ``key`` (even expired), unless it was invalidated since — which this
+        instance can only vouch for while the lease holds (or for what it fetched within the bound)."""
         entry = self._last.get(key)
-        if entry is not None and entry.deps and not self._deps_valid(entry):
+        if entry is None:
+            return None
+        now = self.clock()
+        if now >= self.trusted_until and (entry.deps or now >= entry.fetched + self.bound):
+            return None
+        if entry.deps and not self._deps_valid(entry):
             return None
         return entry
 

@@ -134,7 +134,7 @@ class RedisCache:
         matching keys go too; the coherence protocol's generation and fence keys (``…|g``, ``…|w``) never do.
         Returns value keys deleted."""
         deleted = 0
-        async for batch in self._scan(pattern):
+        async for batch in self.scan(pattern):
             doomed = [k for k in batch if "|" not in k and fnmatchcase(k, pattern)]
             leases = [k for k in batch if k.endswith(COMPANIONS) and fnmatchcase(k.rsplit("|", 1)[0], pattern)]
             if leases:
@@ -143,7 +143,8 @@ class RedisCache:
                 deleted += await self.delete(*doomed)
         return deleted
 
-    async def _scan(self, pattern: str) -> AsyncIterator[list[str]]:
+    async def scan(self, pattern: str) -> AsyncIterator[list[str]]:
+        """Batches of keys starting like ``pattern`` (with their ``…|suffix`` companions), never KEYS."""
         cursor = 0
         match = pattern + "*"  # also reaches "{key}|lease"
         while True:

@@ -22,7 +22,7 @@ import orjson
 
 from tiers import codec
 from tiers.coherence.store import Acquired, Message, Pong, Store, Subscription
-from tiers.errors import CacheUnavailable, OriginError, TierError
+from tiers.errors import CacheUnavailable, OriginError, OriginTimeout, TierError
 from tiers.keys import CacheKey, DataType, namespace_of
 from tiers.l1 import L1
 
@@ -38,6 +38,7 @@ class CoherenceConfig:
     channel: str
     instance_id: str
     bound: float = 0.1  # B: the staleness bound after an acknowledged write
+    join_window: float = 0.025  # a load in flight may be joined only this long after it began (see `lease`)
     ping_interval: float = 0.025  # the bus' lease is renewed this often (B/4)
     dead_after: float = 1.0  # no pong for this long: the subscriber connection is dropped and reopened
     fence_ttl: float = 30.0  # a write fence outlives any write (Postgres aborts a statement long before)
@@ -46,6 +47,12 @@ class CoherenceConfig:
     reconnect_max: float = 2.0
     outbox_sweep: float = 1.0  # how often leftover outbox rows are looked for
     outbox_grace: float = 2.0  # a row this old was not settled by its writer: apply it
+
+    @property
+    def lease(self) -> float:
+        """How long L1 may trust what it holds after a proof of hearing the bus (or after a fetch): B minus the
+        join window, because a reader that joins a load in flight gets a value fetched up to that much earlier."""
+        return self.bound - self.join_window
 
 
 @dataclass(slots=True)
@@ -142,13 +149,14 @@ class Coherence:
         loaded_at: float,
         short: bool,
         px: int,
+        gen_px: int,
     ) -> str | None:
         """Install a loaded value in Redis unless it was overtaken (rule 1); the generations stored with it."""
         assert self.store is not None
         head, tail = codec.pack_parts(
             body, int(fresh_until * 1000), int(loaded_at * 1000), short=short, incarnation=acquired.incarnation
         )
-        return await self.store.fill(key.rendered, sources, gens, token, head, tail, px)
+        return await self.store.fill(key.rendered, sources, gens, token, head, tail, px, gen_px=gen_px)
 
     async def release(self, key: CacheKey, token: str) -> None:
         if self.store is not None:
@@ -183,8 +191,12 @@ class Coherence:
         scope = WriteScope(names)
         committed = False
         try:
-            yield scope
+            # the body must end well before the fence expires (a commit after that could be overtaken by a fill)
+            async with asyncio.timeout(self.config.fence_ttl / 3):
+                yield scope
             committed = True
+        except TimeoutError as err:
+            raise OriginTimeout("postgres", "the write did not finish in time; it may still commit") from err
         finally:
             self.l1.invalidate(names)  # loads this instance began before the commit never fill L1
             settled = self.store is None
@@ -207,19 +219,33 @@ class Coherence:
                 raise WriteUnavailable(f"cannot invalidate {len(names)} key(s): {err}") from err
         self._apply(names, (), sent=True)
 
-    async def replace(self, key: CacheKey, body: bytes, ttl: float, px: int) -> None:
-        """Make ``body`` the value of ``key`` everywhere (a fact the platform just told us, e.g. trustline-created)."""
+    async def replace(
+        self,
+        key: CacheKey,
+        deps: Sequence[CacheKey],
+        body: bytes,
+        *,
+        ttl: float,
+        px: int,
+        invalidate: Sequence[CacheKey] = (),
+    ) -> None:
+        """Make ``body`` the value of ``key`` everywhere (a fact the platform just told us, e.g. trustline-created),
+        invalidating ``invalidate`` in the same script: all of it happens, or (503) none of it."""
         name = key.rendered
+        others = tuple(k.rendered for k in invalidate)
         if self.store is not None:
             now = time.time()
             head, tail = codec.pack_parts(
                 body, int((now + ttl) * 1000), int(now * 1000), incarnation=self.store.incarnation
             )
+            sources = tuple(d.rendered for d in deps) or (name,)
             try:
-                await self.store.replace(name, head, tail, px, self._message((name,), ()))
+                await self.store.replace(
+                    name, sources, head, tail, px, self._message((name, *others), ()), invalidate=others
+                )
             except CacheUnavailable as err:
                 raise WriteUnavailable(f"cannot replace {name}: {err}") from err
-        self._apply((name,), (), sent=True)
+        self._apply((name, *others), (), sent=True)
 
     async def invalidate_pattern(self, pattern: str) -> int:
         """Cache administration (not a data change): delete matching keys in Redis and every L1."""
@@ -277,6 +303,11 @@ class Coherence:
 
     _session_up = False
 
+    @property
+    def listening(self) -> bool:
+        """Subscribed and the lease holds: this instance provably hears every invalidation (health, stats)."""
+        return self.subscribed and self.l1.serving
+
     async def _session(self) -> None:
         assert self.store is not None
         self._session_up = False
@@ -288,7 +319,6 @@ class Coherence:
             self.sessions += 1
             self.subscribed = True
             self._session_up = True
-            self.connected.set()
             if self.on_session is not None:
                 self.on_session()
             log.info(
@@ -333,11 +363,12 @@ class Coherence:
                     sent_at = pings.popleft()[1]
                 if sent_at is not None:
                     # everything published before this ping was sent has been received and applied
-                    until = sent_at + cfg.bound
+                    until = sent_at + cfg.lease
                     if until > l1.trusted_until:
-                        if l1.trusted_until < self.clock():
+                        if l1.trusted_until < self.clock() and self.connected.is_set():
                             self.lease_lapses += 1
                         l1.trusted_until = until
+                    self.connected.set()  # this session has proved it hears the bus
                 continue
             self._on_message(event)
 
@@ -387,8 +418,8 @@ class Coherence:
             await self.sweep_once()
 
     async def sweep_once(self) -> int:
-        if self.outbox is None:
-            return 0
+        if self.outbox is None or (self.store is not None and not self.subscribed):
+            return 0  # cut off from Redis: leave the rows to an instance that can apply them
         settled, self._settled = self._settled, []
         try:
             if settled:

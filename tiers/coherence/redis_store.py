@@ -9,14 +9,14 @@ Redis keys, per source ``S`` (a key whose value comes from an origin) and derive
 * ``S|w`` — write fences: a sorted set of writer tokens scored by their expiry (ms); while one is live, nothing
   guarded by ``S`` can be filled;
 * ``S|lease`` / ``D|lease`` — the load lease (one origin load per key across the fleet);
-* ``S|pre`` — the value a fenced write moved aside: served only as a stale-if-error answer, deleted when the write
-  commits (or by any later unfenced invalidation);
+* ``S|pre`` — the value a fenced write moved aside: never served; deleted when the write commits, put back when it
+  fails (unless another write fences the key), deleted by any later unfenced invalidation;
 * ``{channel}|seq`` — the channel's message counter: every message is published as ``<seq>|<json>`` by the same
   script that increments it, so subscribers see consecutive numbers and detect a real gap exactly.
 
-The incarnation: every new connection (request pool and subscriber alike) reads the server's ``run_id`` before
-its first command (:class:`IncarnationGuard`). A value stamped with another incarnation is never served, and a
-changed ``run_id`` (restart, snapshot restore, failover) tells the protocol to start a new L1 epoch.
+The incarnation: every new connection (request pool and subscriber alike) reads the server's ``run_id`` and
+``master_replid`` before its first command (:class:`IncarnationGuard`). A value stamped with another incarnation is
+never served, and a changed incarnation (restart, snapshot restore, failover, failback) starts a new L1 epoch.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from tiers import codec
 from tiers.codec import Stored
@@ -58,11 +59,10 @@ local function fenced(first, n)
 end
 """
 
-# KEYS: key, key|lease, n generation keys, n fence keys, key|pre. ARGV: token, lease_ms, now_ms (for freshness,
-# the instance's clock like fresh_until), incarnation, n, refresh ("1": do not answer a fresh value, only the lease),
-# own ("1": a source key). Besides the status it answers a stale value for stale-if-error: the key's own (valid) value
-# past its freshness, or else the value a write in progress (or one that failed) moved aside (key|pre): never served
-# as fresh. A hit on a source key costs one GET: a source value present is current (every bump deletes it).
+# KEYS: key, key|lease, n generation keys, n fence keys. ARGV: token, lease_ms, now_ms (for freshness, the
+# instance's clock like fresh_until), incarnation, n, refresh ("1": do not answer a fresh value, only the lease),
+# own ("1": a source key). Besides the status it answers the key's own valid value past its freshness, for
+# stale-if-error. A hit on a source key costs one GET: a source value present is current (every bump deletes it).
 _ACQUIRE = (
     _PRELUDE
     + """
@@ -82,16 +82,7 @@ if v then
     end
   end
 end
-if not cur or not keep then cur = gens_of(3, n) end
-if not keep then
-  local p = redis.call('GET', KEYS[3 + 2 * n])
-  if p then
-    local fu, inc = string.match(p, '"""
-    + codec.LUA_HEADER
-    + """')
-    if fu and inc == ARGV[4] then keep = p end
-  end
-end
+if not keep then cur = gens_of(3, n) end
 if fenced(3 + n, n) then return {4, keep, cur} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, keep, cur} end
 return {3, keep, cur}
@@ -99,10 +90,13 @@ return {3, keep, cur}
 )
 
 # KEYS: key, key|lease, n generation keys, n fence keys. ARGV: token, head, tail, px, expected generations, n,
-# own ("1": a source key, guarded by its own generation). The value stored is head .. generations .. tail; the
-# generations are returned (nil: refused). A source loaded while it had no generation gets one now, living exactly
-# as long as the value (a read never leaves state behind its answer); a derived value is refused unless every
-# source has a generation, so no stored value ever carries 0 and a missing generation key always means "invalid".
+# own ("1": a source key, guarded by its own generation), gen_px (how long a generation created here lives: as long as
+# the longest value that may depend on it). The value stored is head .. generations .. tail; the generations are
+# returned (nil: refused).
+# * A source never loaded before has no generation: the fill creates one, and is accepted only while the filler still
+#   holds the key's lease (an invalidation or a purge deletes it), so a cold load racing a purge cannot refill.
+# * A derived value is refused unless every source has a generation: no stored value ever carries 0, so a missing
+#   generation key always means "invalid".
 _FILL = (
     _PRELUDE
     + """
@@ -113,10 +107,11 @@ if fenced(3 + n, n) then return false end
 local gens = cur
 if ARGV[7] == '1' then
   if cur == '0' then
+    if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
     gens = num(now_us)
-    redis.call('SET', KEYS[3], gens, 'PX', ARGV[4])
-  elseif redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then
-    redis.call('PEXPIRE', KEYS[3], ARGV[4])
+    redis.call('SET', KEYS[3], gens, 'PX', ARGV[8])
+  elseif redis.call('PTTL', KEYS[3]) < tonumber(ARGV[8]) then
+    redis.call('PEXPIRE', KEYS[3], ARGV[8])
   end
 else
   for g in string.gmatch(cur, '[^,]+') do
@@ -129,13 +124,20 @@ return gens
 """
 )
 
+_BUMP = """
+local function bump(k)
+  local g = tonumber(redis.call('GET', k) or '0')
+  redis.call('SET', k, num(math.max(g + 1, now_us)), 'PX', ARGV[4])
+end
+"""
+
 # KEYS: per source S: S, S|lease, S|g, S|w, S|pre; then the seq key. ARGV: n, fence_ms (0: no fence), fence token,
 # gen_px, channel, message. Returns the message's sequence number.
-# A fenced write (its commit is still to come) moves the current value aside to S|pre, kept only for
-# stale-if-error (the write may fail: then it is still the truth); an unfenced invalidation (an event, a commit
-# applied from the outbox) deletes S|pre too.
+# A fenced write (its commit is still to come) moves the current value aside to S|pre: it is never served; if the
+# write fails it is put back (see _UNFENCE). An unfenced invalidation (an event, a commit from the outbox) deletes it.
 _INVALIDATE = (
     _PRELUDE
+    + _BUMP
     + """
 local n = tonumber(ARGV[1])
 local fence = tonumber(ARGV[2])
@@ -147,8 +149,7 @@ for i = 0, n - 1 do
     redis.call('UNLINK', KEYS[b + 5])
   end
   redis.call('UNLINK', KEYS[b + 1], KEYS[b + 2])
-  local g = tonumber(redis.call('GET', KEYS[b + 3]) or '0')
-  redis.call('SET', KEYS[b + 3], num(math.max(g + 1, now_us)), 'PX', ARGV[4])
+  bump(KEYS[b + 3])
   if fence > 0 then
     local w = KEYS[b + 4]
     redis.call('ZREMRANGEBYSCORE', w, '-inf', num(now_ms))
@@ -162,29 +163,79 @@ return seq
 """
 )
 
-# KEYS: n fence keys, then n S|pre keys. ARGV: token, n, committed ("1": the moved-aside values are superseded).
-_UNFENCE = """
+# KEYS: per source: S, S|g, S|w, S|pre (4 each). ARGV: token, n, committed ("1"). Lifts this writer's fence.
+# Committed: the moved-aside values are superseded: deleted. Not committed (the write failed): when no other writer
+# still fences S and S was not refilled, the moved-aside value is the truth again: put back, under the current
+# generation.
+_UNFENCE = (
+    _PRELUDE
+    + """
 local n = tonumber(ARGV[2])
-for i = 1, n do
-  redis.call('ZREM', KEYS[i], ARGV[1])
-  if ARGV[3] == '1' then redis.call('UNLINK', KEYS[n + i]) end
+for i = 0, n - 1 do
+  local b = i * 4
+  local w = KEYS[b + 3]
+  redis.call('ZREM', w, ARGV[1])
+  if ARGV[3] == '1' then
+    redis.call('UNLINK', KEYS[b + 4])
+  elseif not fenced(b + 3, 1) and redis.call('EXISTS', KEYS[b + 1]) == 0 then
+    local p = redis.call('GET', KEYS[b + 4])
+    local ttl = redis.call('PTTL', KEYS[b + 4])
+    if p and ttl > 0 then
+      local head, tail = string.match(p, '^([2SZY]|%d+|%d+|%w*|)[%d,]*(|.*)$')
+      local g = redis.call('GET', KEYS[b + 2])
+      if head and g then redis.call('SET', KEYS[b + 1], head .. g .. tail, 'PX', ttl) end
+    end
+    redis.call('UNLINK', KEYS[b + 4])
+  end
 end
 return 1
 """
+)
 
-# KEYS: S, S|lease, S|g, seq. ARGV: head, tail, px, gen_px, channel, message. The new value carries the new
-# generation (head .. gen .. tail).
+# KEYS: key, key|lease, n generation keys of its sources, then per invalidated source I: I, I|lease, I|g, I|w, I|pre;
+# then the seq key. ARGV: head, tail, px, gen_px, channel, message, n, m (invalidated sources), own ("1": key is a
+# source). Invalidates the m sources first, then installs head .. generations .. tail as the key's value: a source key
+# under its own new generation; a derived key under its sources' current generations (which must all exist).
 _REPLACE = (
     _PRELUDE
+    + _BUMP
     + """
-local g = tonumber(redis.call('GET', KEYS[3]) or '0')
-local ng = num(math.max(g + 1, now_us))
-redis.call('SET', KEYS[3], ng, 'PX', ARGV[4])
-redis.call('SET', KEYS[1], ARGV[1] .. ng .. ARGV[2], 'PX', ARGV[3])
+local n = tonumber(ARGV[7])
+local m = tonumber(ARGV[8])
+for i = 0, m - 1 do
+  local b = 2 + n + i * 5
+  redis.call('UNLINK', KEYS[b + 1], KEYS[b + 2], KEYS[b + 5])
+  bump(KEYS[b + 3])
+end
+local gens
+if ARGV[9] == '1' then
+  bump(KEYS[3])
+  gens = redis.call('GET', KEYS[3])
+else
+  gens = gens_of(3, n)
+  for g in string.gmatch(gens, '[^,]+') do
+    if g == '0' then gens = nil end
+  end
+end
+if gens then
+  redis.call('SET', KEYS[1], ARGV[1] .. gens .. ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('UNLINK', KEYS[1])
+end
 redis.call('UNLINK', KEYS[2])
-local seq = redis.call('INCR', KEYS[4])
+local seq = redis.call('INCR', KEYS[3 + n + m * 5])
 redis.call('PUBLISH', ARGV[5], seq .. '|' .. ARGV[6])
 return seq
+"""
+)
+
+# KEYS: generation keys of sources a purge matched. ARGV: -, -, -, gen_px.
+_BUMP_ALL = (
+    _PRELUDE
+    + _BUMP
+    + """
+for _, k in ipairs(KEYS) do bump(k) end
+return #KEYS
 """
 )
 
@@ -203,27 +254,48 @@ return 0
 
 
 class IncarnationGuard:
-    """Runs on every new Redis connection, before its first command: the default handshake, then ``INFO server``.
+    """Runs on every new Redis connection, before its first command: the default handshake, then ``INFO server``
+    and ``INFO replication``.
 
-    The server's ``run_id`` changes with every restart (including a restart from a snapshot) and differs between
-    a master and the replica promoted in its place. ``observe`` tells the listeners when it changes.
+    The incarnation is the server's ``run_id`` (new with every restart, also from a snapshot) joined with its
+    ``master_replid`` (new whenever a replica is promoted, so a failover and a later failback to the old master —
+    whose ``run_id`` did not change while its data was replaced — are both seen). ``observe`` tells the listeners
+    when it changes.
     """
 
     def __init__(self) -> None:
         self.incarnation = ""
         self.changes = 0
         self._listeners: list[Callable[[str, str], None]] = []
+        self._no_info_logged = False
 
     def subscribe(self, listener: Callable[[str, str], None]) -> None:
         self._listeners.append(listener)
 
     async def on_connect(self, conn: Any) -> None:
         await conn.on_connect()
-        await conn.send_command("INFO", "server")
-        info = await conn.read_response()
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        run_id = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("run_id:")), "")
-        self.observe(run_id[:12])
+        fields: dict[str, str] = {}
+        for section in ("server", "replication"):
+            await conn.send_command("INFO", section)
+            try:
+                info = await conn.read_response()
+            except ResponseError as err:  # INFO renamed or forbidden (a proxy, an ACL): restarts go unseen
+                if not self._no_info_logged:
+                    self._no_info_logged = True
+                    log.error(
+                        "redis INFO %s is not available (%s): restarts, snapshot restores and failovers cannot be "
+                        "detected; give this client INFO (see docs/COHERENCE.md, operational requirements)",
+                        section,
+                        err,
+                        extra={"event": "redis_no_info"},
+                    )
+                continue
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            for line in text.splitlines():
+                name, sep, value = line.partition(":")
+                if sep:
+                    fields[name] = value.strip()
+        self.observe(fields.get("run_id", "")[:8] + fields.get("master_replid", "")[:8])
 
     def observe(self, incarnation: str) -> None:
         old = self.incarnation
@@ -269,6 +341,7 @@ class RedisStore:
         self._invalidate = client.register_script(_INVALIDATE)
         self._unfence = client.register_script(_UNFENCE)
         self._replace = client.register_script(_REPLACE)
+        self._bump_all = client.register_script(_BUMP_ALL)
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
 
@@ -300,31 +373,36 @@ class RedisStore:
         self, key: str, sources: Sequence[str], token: str, lease_ms: int, now_ms: int, *, refresh: bool = False
     ) -> Acquired:
         incarnation = self.guard.incarnation
-        keys = [key, key + LEASE, *(s + GEN for s in sources), *(s + FENCE for s in sources), key + PRE]
+        keys = [key, key + LEASE, *(s + GEN for s in sources), *(s + FENCE for s in sources)]
+        own = "1" if tuple(sources) == (key,) else "0"
         async with self.cache.guard("EVALSHA acquire"):
             status, raw, gens = await self._acquire(
                 keys=keys,
-                args=[
-                    token,
-                    lease_ms,
-                    now_ms,
-                    incarnation,
-                    len(sources),
-                    "1" if refresh else "0",
-                    "1" if tuple(sources) == (key,) else "0",
-                ],
+                args=[token, lease_ms, now_ms, incarnation, len(sources), "1" if refresh else "0", own],
             )
+        if incarnation and self.guard.incarnation != incarnation:
+            # the call reconnected to another incarnation: the script compared values with the old one
+            raise CacheUnavailable("redis incarnation changed during the call")
         gens_s = gens.decode() if isinstance(gens, bytes) else str(gens)
         stored = codec.unpack(raw) if raw else None
         return Acquired(Status(int(status)), stored, gens_s, incarnation)
 
     async def fill(
-        self, key: str, sources: Sequence[str], gens: str, token: str, head: bytes, tail: bytes, px: int
+        self,
+        key: str,
+        sources: Sequence[str],
+        gens: str,
+        token: str,
+        head: bytes,
+        tail: bytes,
+        px: int,
+        *,
+        gen_px: int,
     ) -> str | None:
         keys = [key, key + LEASE, *(s + GEN for s in sources), *(s + FENCE for s in sources)]
         own = "1" if tuple(sources) == (key,) else "0"
         async with self.cache.guard("EVALSHA fill"):
-            stored = await self._fill(keys=keys, args=[token, head, tail, px, gens, len(sources), own])
+            stored = await self._fill(keys=keys, args=[token, head, tail, px, gens, len(sources), own, max(gen_px, px)])
         if stored is None:
             return None
         return stored.decode() if isinstance(stored, bytes) else str(stored)
@@ -352,21 +430,70 @@ class RedisStore:
             return int(await self._invalidate(keys=keys, args=args))
 
     async def unfence(self, sources: Sequence[str], token: str, *, committed: bool) -> None:
-        keys = [*(s + FENCE for s in sources), *(s + PRE for s in sources)]
+        keys = [k for s in sources for k in (s, s + GEN, s + FENCE, s + PRE)]
         async with self.cache.guard("EVALSHA unfence"):
             await self._unfence(keys=keys, args=[token, len(sources), "1" if committed else "0"])
 
-    async def replace(self, key: str, head: bytes, tail: bytes, px: int, message: bytes) -> int:
-        keys = [key, key + LEASE, key + GEN, self.seq_key]
+    async def replace(
+        self,
+        key: str,
+        sources: Sequence[str],
+        head: bytes,
+        tail: bytes,
+        px: int,
+        message: bytes,
+        *,
+        invalidate: Sequence[str] = (),
+    ) -> int:
+        keys = [key, key + LEASE, *(s + GEN for s in sources)]
+        for s in invalidate:
+            keys += [s, s + LEASE, s + GEN, s + FENCE, s + PRE]
+        keys.append(self.seq_key)
+        own = "1" if tuple(sources) == (key,) else "0"
+        args: list[str | int | bytes] = [
+            head,
+            tail,
+            px,
+            self.gen_px,
+            self.channel,
+            message,
+            len(sources),
+            len(invalidate),
+            own,
+        ]
         async with self.cache.guard("EVALSHA replace"):
-            return int(await self._replace(keys=keys, args=[head, tail, px, self.gen_px, self.channel, message]))
+            return int(await self._replace(keys=keys, args=args))
 
     async def delete_pattern(self, pattern: str, message: bytes) -> int:
-        """SCAN + UNLINK in batches (never KEYS), then one message. Not a data change: generations stay."""
-        deleted = await self.cache.delete_pattern(pattern)
+        """SCAN + UNLINK in batches (never KEYS), then one message. The matching sources' generations are bumped,
+        so whatever was derived from them (even under keys the pattern does not match) and every load racing the
+        purge is void; the protocol's own generation and fence keys stay. Returns value keys deleted."""
+        deleted = 0
+        async for batch in self.cache.scan(pattern):
+            values = [k for k in batch if "|" not in k and fnmatchcase(k, pattern)]
+            base = [(k, k.rsplit("|", 1)) for k in batch if "|" in k]
+            companions = [k for k, (b, suffix) in base if "|" + suffix in (LEASE, PRE) and fnmatchcase(b, pattern)]
+            gens = [k for k, (b, suffix) in base if "|" + suffix == GEN and fnmatchcase(b, pattern)]
+            if gens:
+                async with self.cache.guard("EVALSHA bump"):
+                    await self._bump_all(keys=gens, args=["", "", "", self.gen_px])
+            if companions:
+                await self.cache.delete(*companions)
+            if values:
+                deleted += await self.cache.delete(*values)
         async with self.cache.guard("EVALSHA publish"):
             await self._publish(keys=[self.seq_key], args=[self.channel, message])
         return deleted
+
+    async def eviction_policy(self) -> str | None:
+        """Redis' ``maxmemory-policy`` (None when CONFIG is not allowed): the protocol needs ``noeviction``."""
+        try:
+            async with self.cache.guard("CONFIG GET"):
+                got = await self.cache.client.config_get("maxmemory-policy")
+        except CacheUnavailable:
+            return None
+        value = got.get("maxmemory-policy") if isinstance(got, dict) else None
+        return value.decode() if isinstance(value, bytes) else value
 
     async def subscribe(self) -> RedisSubscription:
         return await RedisSubscription.open(self.subscriber, self.channel, self.confirm_timeout)

@@ -59,13 +59,32 @@ class Store(Protocol):
         self, key: str, sources: Sequence[str], token: str, lease_ms: int, now_ms: int, *, refresh: bool = False
     ) -> Acquired: ...
     async def fill(
-        self, key: str, sources: Sequence[str], gens: str, token: str, head: bytes, tail: bytes, px: int
+        self,
+        key: str,
+        sources: Sequence[str],
+        gens: str,
+        token: str,
+        head: bytes,
+        tail: bytes,
+        px: int,
+        *,
+        gen_px: int,
     ) -> str | None: ...  # the generations stored with the value, None when refused
     async def release(self, key: str, token: str) -> None: ...
     async def invalidate(
         self, sources: Sequence[str], message: bytes, *, fence: str | None = None, fence_ms: int = 0
     ) -> int: ...
     async def unfence(self, sources: Sequence[str], token: str, *, committed: bool) -> None: ...
-    async def replace(self, key: str, head: bytes, tail: bytes, px: int, message: bytes) -> int: ...
+    async def replace(
+        self,
+        key: str,
+        sources: Sequence[str],
+        head: bytes,
+        tail: bytes,
+        px: int,
+        message: bytes,
+        *,
+        invalidate: Sequence[str] = (),
+    ) -> int: ...
     async def delete_pattern(self, pattern: str, message: bytes) -> int: ...
     async def subscribe(self) -> Subscription: ...
