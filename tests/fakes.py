@@ -6,8 +6,12 @@ semantics of the Lua scripts in tiers/coherence/redis_store.py; :class:`FakeStor
 tests against this fake and against real Redis, so the two cannot drift apart.
 
 Faults the simulation drives: ``down`` (every call fails), ``restart`` (a new incarnation; empty, or restored from
-a ``snapshot``), per-subscription ``latency`` (delivery in order, late), ``stall``/``resume`` (a connection that goes
-silent without an error) and ``kill`` (the connection drops).
+a ``snapshot``), per-store ``cut`` (one instance partitioned from Redis: its calls fail, its subscription goes
+silent and delivers what it held, in order, if the partition heals before the connection is given up — as TCP
+does), per-store ``latency`` (delivery in order, late) and ``drop`` (a message that never reaches one subscriber:
+Redis does that only when it closes the connection, e.g. at its output-buffer limit, so whoever sets ``drop`` also
+kills that subscription soon after), per-subscription ``stall``/``resume`` (a connection that goes silent without
+an error) and ``kill`` (it drops).
 """
 
 from __future__ import annotations
@@ -111,6 +115,8 @@ class FakeStore:
         self.gen_px = int(gen_ttl * 1000)
         self._connected_to = ""
         self.latency: Callable[[], float] = lambda: 0.0  # delivery delay of this instance's subscriptions
+        self.drop: Callable[[Message], bool] = lambda _m: False  # True: this message never reaches this instance
+        self.cut = False  # partitioned from Redis: calls fail, the subscription delivers nothing until it heals
 
     @property
     def incarnation(self) -> str:
@@ -118,8 +124,8 @@ class FakeStore:
 
     def _call(self) -> FakeRedis:
         s = self.server
-        if s.down:
-            raise CacheUnavailable("fake redis: down")
+        if s.down or self.cut:
+            raise CacheUnavailable("fake redis: down" if s.down else "fake redis: unreachable from this instance")
         s.calls += 1
         if self._connected_to != s.incarnation:  # a (re)connection: the handshake reads the run id
             self._connected_to = s.incarnation
@@ -302,7 +308,7 @@ class FakeStore:
 
     async def subscribe(self) -> FakeSubscription:
         s = self._call()
-        sub = FakeSubscription(s, self.channel, self.latency)
+        sub = FakeSubscription(s, self.channel, self.latency, store=self)
         s.subscriptions.append(sub)
         return sub
 
@@ -310,10 +316,13 @@ class FakeStore:
 class FakeSubscription:
     """Delivers in order; ``latency`` delays delivery (never reorders); a stalled one delivers nothing."""
 
-    def __init__(self, server: FakeRedis, channel: str, latency: Callable[[], float]) -> None:
+    def __init__(
+        self, server: FakeRedis, channel: str, latency: Callable[[], float], *, store: FakeStore | None = None
+    ) -> None:
         self.server = server
         self.channel = channel
         self.latency = latency
+        self.store = store
         self._queue: deque[tuple[float, Message | Pong]] = deque()
         self._changed = asyncio.Event()
         self._last_visible = 0.0
@@ -321,6 +330,8 @@ class FakeSubscription:
         self.stalled = False
 
     def deliver(self, event: Message | Pong) -> None:
+        if self.store is not None and isinstance(event, Message) and self.store.drop(event):
+            return  # lost on the way
         loop = asyncio.get_running_loop()
         visible = max(self._last_visible, loop.time() + self.latency())
         self._last_visible = visible
@@ -347,12 +358,13 @@ class FakeSubscription:
             if self.killed:
                 raise CacheUnavailable("fake redis: subscription dropped")
             now = loop.time()
-            if not self.stalled and self._queue and self._queue[0][0] <= now:
+            silent = self.stalled or (self.store is not None and self.store.cut)
+            if not silent and self._queue and self._queue[0][0] <= now:
                 return self._queue.popleft()[1]
             if now >= deadline:
                 return None
             wake = deadline
-            if not self.stalled and self._queue:
+            if not silent and self._queue:
                 wake = min(wake, self._queue[0][0])
             self._changed.clear()
             try:
