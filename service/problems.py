@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from actors.base import ActorStopped
 from tiers.coherence import WriteUnavailable
@@ -59,7 +60,7 @@ def from_origin_error(err: OriginError) -> web.Response:
 _HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large", 415: "unsupported-media-type"}
 
 
-async def guarded(request: web.Request, handler: Any) -> web.StreamResponse:
+async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Run a handler; turn every failure into an RFC 9457 problem."""
     try:
         return await handler(request)
