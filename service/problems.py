@@ -1,4 +1,5 @@
-"""RFC 9457 problem documents, and the middleware that turns every failure into one."""
+"""RFC 9457 problem documents, and :func:`guarded`, which turns every failure into one (each route's wrapper,
+:func:`service.observed.observed`, runs it)."""
 
 from __future__ import annotations
 

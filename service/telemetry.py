@@ -170,7 +170,7 @@ def _instrument_process_wide() -> None:
     if not inst.is_instrumented_by_opentelemetry:
         inst.instrument(tracer_provider=_ChildOnlyProvider())
     # the aiohttp-server middleware reads module globals that only instrument() sets; set them once, then put
-    # web.Application back (we add the middleware to each app ourselves, bound to that app's provider)
+    # web.Application back (each route's wrapper, service.observed, calls the middleware bound to its app's provider)
     from opentelemetry.instrumentation import aiohttp_server
 
     if aiohttp_server._excluded_urls is None:
