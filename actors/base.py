@@ -35,7 +35,7 @@ class Ask(Generic[R]):
     __slots__ = ()
 
 
-_Envelope = tuple[object, "asyncio.Future[Any] | None", "contextvars.Context | None"]
+_Envelope = tuple[object, "asyncio.Future[object] | None", "contextvars.Context | None"]
 
 
 class Actor:
@@ -46,7 +46,7 @@ class Actor:
         # asker's trace)
         self._mailbox: asyncio.Queue[_Envelope] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._children: set[asyncio.Task[Any]] = set()
+        self._children: set[asyncio.Task[object]] = set()
         self._stopping = False
 
     # ---- lifecycle
@@ -84,7 +84,7 @@ class Actor:
     async def ask(self, msg: Ask[R]) -> R:
         if not self.running:
             raise ActorStopped(f"{self.name} is not running")
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        reply: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._mailbox.put_nowait((msg, reply, contextvars.copy_context()))
         result = await reply
         if inspect.isawaitable(result):
@@ -102,7 +102,7 @@ class Actor:
         while True:
             msg, reply, ctx = await self._mailbox.get()
             try:
-                result: Any = ctx.run(self.receive, msg) if ctx is not None else self.receive(msg)
+                result: object = ctx.run(self.receive, msg) if ctx is not None else self.receive(msg)
                 if inspect.iscoroutine(result):
                     result = await result
             except asyncio.CancelledError:

@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tiers.keys import DataType
-
-COUNTERS = (
-    "l1_hits",
-    "l2_hits",
-    "misses",
-    "origin_loads",
-    "load_errors",
-    "stale_served",
-    "fills_rejected",
-    "refreshes",
-    "rereads",
-    "invalidations_sent",
-    "invalidations_received",
-)
-
 
 # upper bounds, seconds, of the latency histogram buckets (Prometheus-style, cumulative on export)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -61,14 +46,24 @@ class Histogram:
         return float("inf")
 
 
+@dataclass(slots=True)
 class Row:
     """One data type's counters: plain integer attributes, so the hot path's ``row.l1_hits += 1`` is cheap."""
 
-    __slots__ = COUNTERS
+    l1_hits: int = 0
+    l2_hits: int = 0
+    misses: int = 0
+    origin_loads: int = 0
+    load_errors: int = 0
+    stale_served: int = 0
+    fills_rejected: int = 0
+    refreshes: int = 0
+    rereads: int = 0
+    invalidations_sent: int = 0
+    invalidations_received: int = 0
 
-    def __init__(self) -> None:
-        for name in COUNTERS:
-            setattr(self, name, 0)
+
+COUNTERS = tuple(f.name for f in fields(Row))
 
 
 @dataclass
@@ -84,16 +79,18 @@ class Stats:
         h.observe(seconds)
 
     def inc(self, dt: DataType, name: str, n: int = 1) -> None:
-        row = self.rows[dt]
-        setattr(row, name, getattr(row, name) + n)
+        setattr(self.rows[dt], name, self.get(dt, name) + n)
 
     def get(self, dt: DataType, name: str) -> int:
-        return getattr(self.rows[dt], name)
+        value = getattr(self.rows[dt], name)
+        if not isinstance(value, int):
+            raise AttributeError(f"{name!r} is not a counter")
+        return value
 
     def by_type(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for dt in DataType:
-            row = {name: getattr(self.rows[dt], name) for name in COUNTERS}
+            row = {name: self.get(dt, name) for name in COUNTERS}
             if any(row.values()) or dt in (
                 DataType.EXCHANGE_RATE,
                 DataType.FEE_STRUCTURE,

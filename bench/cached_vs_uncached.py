@@ -10,12 +10,7 @@ over one keep-alive connection. Target: cached ≥ 20× faster.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 
@@ -37,7 +32,7 @@ async def run(smoke: bool, n: int, latency: float, out: str) -> Result:
         n = 10
     from stellar_sdk import Keypair
 
-    from tests.horizon_standin import HorizonStandin
+    from testsupport.horizon_standin import HorizonStandin
 
     dsn = await prepare_postgres()
     pairs = bench_pairs(n + 1)

@@ -7,7 +7,7 @@ As a module::
         await c.kill_subscribers()          # CLIENT KILL TYPE pubsub
         await c.restart(1)
 
-As a command: ``python bench/cluster.py --n 3`` runs them until Ctrl-C (or ``--duration``), printing the URLs.
+As a command: ``python -m bench.cluster --n 3`` runs them until Ctrl-C (or ``--duration``), printing the URLs.
 
 Every instance logs to ``bench/out/<instance-id>.log``. Every subprocess is stopped on exit (SIGTERM, then
 SIGKILL after a grace period), also on Ctrl-C or an exception; an ``atexit`` hook SIGKILLs any survivor if the

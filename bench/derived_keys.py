@@ -12,12 +12,7 @@ and bytes the reads left, and whether any of them lacks a TTL or outlives its an
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 import orjson

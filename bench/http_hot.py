@@ -16,10 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 

@@ -12,12 +12,7 @@ as the baseline: a peer cannot be seen faster than that. Target: p99 ≤ 5 ms (f
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 import orjson

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import REDIS_URL, Result, flush_bench_redis, new_loop_policy, parser, ratio, summary
 from bench.l1_hit import BODY, make_actor

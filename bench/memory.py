@@ -15,11 +15,7 @@ from __future__ import annotations
 import gc
 import sys
 import tracemalloc
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson
 

@@ -13,12 +13,7 @@ one origin load per request (a conversion: the computation and its rate query). 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 import numpy as np
@@ -50,7 +45,7 @@ async def run(
         duration, ttl, nkeys, concurrency = 2.0, 1.0, 300, 8
     from stellar_sdk import Keypair
 
-    from tests.horizon_standin import HorizonStandin
+    from testsupport.horizon_standin import HorizonStandin
 
     n_rates, n_conv = nkeys // 2, nkeys // 4
     n_bal = nkeys - n_rates - n_conv

@@ -17,9 +17,6 @@ import sys
 import threading
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench._cluster import Cluster
 from bench._common import OUT, bench_pairs, flush_bench_redis, prepare_postgres, run_wrk, seed_rates
 from bench.http_hot import warm

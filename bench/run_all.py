@@ -11,9 +11,6 @@ import sys
 import traceback
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench._common import OUT, table, wrk_path
 
 BENCHMARKS = [

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._cluster import Cluster
 from bench._common import Result, bench_pairs, flush_bench_redis, parser, prepare_postgres, ratio, run_wrk, seed_rates

@@ -10,12 +10,7 @@ stand-in). The baseline is what no coalescing would cost: one origin load per re
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 
@@ -50,7 +45,7 @@ async def run(smoke: bool, requests: int, instances: int, out: str) -> Result:
         requests = 60
     from stellar_sdk import Keypair
 
-    from tests.horizon_standin import HorizonStandin, credit
+    from testsupport.horizon_standin import HorizonStandin, credit
 
     dsn = await prepare_postgres()
     await seed_rates(dsn, bench_pairs(8))

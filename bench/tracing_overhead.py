@@ -6,11 +6,11 @@
 * ``sampled``  — parentbased_traceidratio 0.1, spans recorded and handed (BatchSpanProcessor) to an exporter that
                  drops them.
 
-Each configuration runs as its own server process (``python bench/tracing_overhead.py serve``); the load comes from a
+Each configuration runs as its own server process (``python -m bench.tracing_overhead serve``); the load comes from a
 separate process (wrk when installed, else an aiohttp client process). The modes are interleaved in each round and
 compared with the ``off`` run of the same round.
 
-    PYTHONPATH=. .venv/bin/python bench/tracing_overhead.py [--rounds 3] [--duration 5] [--connections 32]
+    .venv/bin/python -m bench.tracing_overhead [--rounds 3] [--duration 5] [--connections 32]
 
 Needs the machine's Postgres (DATABASE_URL, default postgresql://postgres@127.0.0.1:5432/aframp_bench, created if
 missing) and Redis (REDIS_URL, default redis://127.0.0.1:6379/8).
@@ -154,10 +154,11 @@ def _load(port: int, duration: float, connections: int) -> float:
             raise RuntimeError(f"wrk: {out}")
         return float(m.group(1))
     out = subprocess.run(
-        [sys.executable, __file__, "client", url, str(duration), str(connections)],
+        [sys.executable, "-m", "bench.tracing_overhead", "client", url, str(duration), str(connections)],
         capture_output=True,
         text=True,
         check=True,
+        cwd=ROOT,
     ).stdout
     return float(out.strip())
 
@@ -199,7 +200,7 @@ def run(rounds: int, duration: float, connections: int) -> dict[str, list[float]
         for mode in MODES:
             port = _free_port()
             proc = subprocess.Popen(
-                [sys.executable, __file__, "serve", mode, str(port)],
+                [sys.executable, "-m", "bench.tracing_overhead", "serve", mode, str(port)],
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
@@ -241,7 +242,6 @@ def report(results: dict[str, list[float]]) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
-        sys.path.insert(0, str(ROOT))
         serve(sys.argv[2], int(sys.argv[3]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "client":

@@ -9,13 +9,8 @@ from the benchmark process over one asyncpg connection. Rounds alternate between
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from decimal import Decimal
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 import asyncpg

@@ -80,7 +80,7 @@ def _serve(settings: Settings) -> int:
     try:
         import uvloop  # optional: faster event loop
     except ImportError:
-        uvloop = None
+        uvloop = None  # type: ignore[assignment]  # absent: asyncio's own event loop
     from tiers.errors import TierError
 
     app = create_app(settings)
@@ -91,7 +91,7 @@ def _serve(settings: Settings) -> int:
             port=settings.server.port,
             shutdown_timeout=settings.server.shutdown_grace,
             access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
-            loop=uvloop.new_event_loop() if uvloop else None,
+            loop=uvloop.new_event_loop() if uvloop is not None else None,
             print=lambda msg: logging.getLogger("service").info(msg.strip()),
         )
     except TierError as err:  # e.g. Postgres unreachable at start-up: one clear line, no traceback

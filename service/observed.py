@@ -9,16 +9,16 @@ from __future__ import annotations
 import time
 from functools import partial
 from random import random
-from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from opentelemetry import context as otel_context
 
 from service import appkeys as K
 from service.problems import answer_failure, guarded
 
 
-def observed(handler: Any, route: str) -> Any:
+def observed(handler: Handler, route: str) -> Handler:
     """Wrap one route's handler: traces (when on), its latency histogram, and every failure turned into a
     problem document (service.problems.guarded). A wrapper per route instead of an app middleware: aiohttp runs
     every middleware layer (and one of its own) on every request, a quarter of the hot path's time."""

@@ -1,4 +1,5 @@
-"""RFC 9457 problem documents, and the middleware that turns every failure into one."""
+"""RFC 9457 problem documents, and :func:`guarded`, which turns every failure into one (each route's wrapper,
+:func:`service.observed.observed`, runs it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from actors.base import ActorStopped
 from tiers.coherence import WriteUnavailable
@@ -59,7 +61,7 @@ def from_origin_error(err: OriginError) -> web.Response:
 _HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large", 415: "unsupported-media-type"}
 
 
-async def guarded(request: web.Request, handler: Any) -> web.StreamResponse:
+async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Run a handler; turn every failure into an RFC 9457 problem."""
     try:
         return await handler(request)

@@ -26,7 +26,7 @@ def _merge(histograms: list[StatsHistogram]) -> StatsHistogram:
     return out
 
 
-def _percentiles(h: StatsHistogram) -> dict[str, Any]:
+def _percentiles(h: StatsHistogram) -> dict[str, int | float | None]:
     return {"count": h.count, "p50": h.quantile(0.5), "p99": h.quantile(0.99)}
 
 
@@ -52,13 +52,16 @@ def l1_bytes(app: web.Application) -> int:
 
 def snapshot(app: web.Application) -> dict[str, Any]:
     stats = app[K.STATS]
-    types = stats.by_type()
-    for dt, row in types.items():
-        hits = row["l1_hits"] + row["l2_hits"]
-        lookups = hits + row["misses"]
-        row["hit_ratio"] = round(hits / lookups, 6) if lookups else None
-        row["latency_seconds"] = {
-            tier: _percentiles(h) for (t, tier), h in sorted(stats.latency.items()) if t.value == dt
+    types: dict[str, dict[str, object]] = {}
+    for dt, counts in stats.by_type().items():
+        hits = counts["l1_hits"] + counts["l2_hits"]
+        lookups = hits + counts["misses"]
+        types[dt] = {
+            **counts,
+            "hit_ratio": round(hits / lookups, 6) if lookups else None,
+            "latency_seconds": {
+                tier: _percentiles(h) for (t, tier), h in sorted(stats.latency.items()) if t.value == dt
+            },
         }
     tiers: dict[str, list[StatsHistogram]] = {}
     for (_dt, tier), h in stats.latency.items():

@@ -31,12 +31,22 @@ import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind, Tracer
+from opentelemetry.trace import Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes, AttributeValue
+
+if TYPE_CHECKING:  # the SDK and the instrumentations are imported only when tracing is on
+    import aiohttp
+    import redis.asyncio
+    from aiohttp.typedefs import Middleware
+    from opentelemetry.sdk.trace import Span as SdkSpan
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.sdk.trace.sampling import Sampler
 
 from actors.tracing import key_attributes  # noqa: F401 - re-exported for callers of service.telemetry
 
@@ -71,7 +81,7 @@ class _ChildOnlyTracer(Tracer):
     ``target`` is a fixed tracer, or None to use the tracer of the app whose work is running (``_ACTIVE``).
     """
 
-    def __init__(self, name: str, version: str | None, schema_url: str | None, target: Any = None) -> None:
+    def __init__(self, name: str, version: str | None, schema_url: str | None, target: Tracer | None = None) -> None:
         self._args = (name, version, schema_url)
         self._fixed = target
 
@@ -83,27 +93,41 @@ class _ChildOnlyTracer(Tracer):
             return None
         return active.library_tracer(*self._args)
 
-    def start_span(self, name: str, context: otel_context.Context | None = None, *args: Any, **kw: Any) -> Any:
+    def start_span(
+        self,
+        name: str,
+        context: otel_context.Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> Span:
         if not trace.get_current_span(context).get_span_context().is_valid:
             return trace.INVALID_SPAN
         target = self._resolve()
         if target is None:
             return trace.INVALID_SPAN
-        return target.start_span(name, context, *args, **kw)
+        return target.start_span(
+            name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
+        )
 
+    # Tracer declares this with its private _agnosticcontextmanager (sync and async use); contextlib's manager
+    # serves the sync use every caller of a library tracer makes.
     @contextlib.contextmanager
-    def start_as_current_span(
+    def start_as_current_span(  # type: ignore[override]
         self,
         name: str,
         context: otel_context.Context | None = None,
         kind: SpanKind = SpanKind.INTERNAL,
-        attributes: Any = None,
-        links: Any = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
         start_time: int | None = None,
         record_exception: bool = True,
         set_status_on_exception: bool = True,
         end_on_exit: bool = True,
-    ) -> Iterator[Any]:
+    ) -> Iterator[Span]:
         span = self.start_span(
             name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
         )
@@ -117,12 +141,17 @@ class _ChildOnlyTracer(Tracer):
 
 
 class _ChildOnlyProvider(trace.TracerProvider):
-    def __init__(self, provider: Any = None) -> None:
+    def __init__(self, provider: trace.TracerProvider | None = None) -> None:
         self._provider = provider
 
     def get_tracer(
-        self, name: str, version: str | None = None, schema_url: str | None = None, *args: Any, **kw: Any
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Attributes = None,
     ) -> Tracer:
+        name, version = instrumenting_module_name, instrumenting_library_version
         target = self._provider.get_tracer(name, version, schema_url) if self._provider is not None else None
         return _ChildOnlyTracer(name, version, schema_url, target)
 
@@ -141,7 +170,7 @@ def _instrument_process_wide() -> None:
     if not inst.is_instrumented_by_opentelemetry:
         inst.instrument(tracer_provider=_ChildOnlyProvider())
     # the aiohttp-server middleware reads module globals that only instrument() sets; set them once, then put
-    # web.Application back (we add the middleware to each app ourselves, bound to that app's provider)
+    # web.Application back (each route's wrapper, service.observed, calls the middleware bound to its app's provider)
     from opentelemetry.instrumentation import aiohttp_server
 
     if aiohttp_server._excluded_urls is None:
@@ -169,7 +198,7 @@ _SAMPLERS = {
 _EXPORTERS = {"otlp", "console", "none"}
 
 
-def _sampler(name: str, arg: str | None) -> Any:
+def _sampler(name: str, arg: str | None) -> Sampler:
     from opentelemetry.sdk.trace import sampling as s
 
     if name not in _SAMPLERS:
@@ -182,7 +211,7 @@ def _sampler(name: str, arg: str | None) -> Any:
             raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: expected a number between 0 and 1, got {arg!r}") from None
         if not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: expected a number between 0 and 1, got {arg!r}")
-    root = {
+    root: dict[str, Sampler] = {
         "always_on": s.ALWAYS_ON,
         "always_off": s.ALWAYS_OFF,
         "traceidratio": s.TraceIdRatioBased(ratio),
@@ -243,16 +272,16 @@ def parse(otel: Mapping[str, str], instance_id: str, *, has_processor: bool = Fa
 class Telemetry:
     """What the telemetry cleanup context built for one app."""
 
-    def __init__(self, config: TraceConfig, provider: Any = None) -> None:
+    def __init__(self, config: TraceConfig, provider: SdkTracerProvider | None = None) -> None:
         self.config = config
         self.provider = provider  # an SDK TracerProvider, or None when off
         self.tracer: Tracer | None = None  # the cache's own spans; None unless recording
-        self.server_middleware: Any = None  # the aiohttp-server instrumentation bound to this provider
+        self.server_middleware: Middleware | None = None  # the aiohttp-server instrumentation bound to this provider
         # parentbased_traceidratio < 1: the share of root requests traced. The others skip the instrumentation
         # middleware entirely (it costs per request even for spans it does not record) and run under an
         # unsampled parent, so no span below them is recorded either.
         self.head_ratio: float | None = None
-        self._library_tracers: dict[tuple[Any, ...], Tracer] = {}
+        self._library_tracers: dict[tuple[str, str | None, str | None], Tracer] = {}
         if provider is not None and config.mode == "record":
             self.tracer = provider.get_tracer(TRACER_NAME)
             from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
@@ -279,6 +308,8 @@ class Telemetry:
         return self.tracer is not None
 
     def library_tracer(self, name: str, version: str | None, schema_url: str | None) -> Tracer:
+        if self.provider is None:  # off: nothing to route library spans to
+            return trace.NoOpTracer()
         key = (name, version, schema_url)
         tracer = self._library_tracers.get(key)
         if tracer is None:
@@ -295,7 +326,7 @@ class Telemetry:
             _ACTIVE.reset(token)
 
     # ---- instrumentation of this app's clients
-    def instrument_redis(self, client: Any) -> None:
+    def instrument_redis(self, client: redis.asyncio.Redis) -> None:
         if not self.enabled:
             return
         from opentelemetry.instrumentation.redis import RedisInstrumentor
@@ -303,7 +334,7 @@ class Telemetry:
         if not getattr(client, "_is_instrumented_by_opentelemetry", False):
             RedisInstrumentor.instrument_client(client, tracer_provider=_ChildOnlyProvider(self.provider))
 
-    def client_trace_configs(self) -> list[Any]:
+    def client_trace_configs(self) -> list[aiohttp.TraceConfig]:
         """``trace_configs`` for an outgoing ``aiohttp.ClientSession`` (Horizon): client spans + traceparent."""
         if not self.enabled:
             return []
@@ -312,7 +343,7 @@ class Telemetry:
         return [create_trace_config(tracer_provider=_ChildOnlyProvider(self.provider))]
 
     # ---- invalidation messages
-    def inject(self) -> dict[str, Any]:
+    def inject(self) -> dict[str, dict[str, str]]:
         """Fields to add to a bus message: the W3C context of the current span, if any."""
         if not self.enabled:
             return {}
@@ -321,7 +352,7 @@ class Telemetry:
         return {"trace": carrier} if carrier else {}
 
     @contextlib.contextmanager
-    def eviction_span(self, msg: Mapping[str, Any], keys: Sequence[str], patterns: Sequence[str]) -> Iterator[None]:
+    def eviction_span(self, msg: Mapping[str, object], keys: Sequence[str], patterns: Sequence[str]) -> Iterator[None]:
         """A new root span for applying a peer's invalidation, LINKED to the writer's span."""
         if self.tracer is None:
             yield
@@ -334,7 +365,7 @@ class Telemetry:
             if ctx.is_valid:
                 links.append(Link(ctx))
         namespaces = sorted({_namespace_prefix(n) for n in (*keys, *patterns)} - {""})
-        attrs: dict[str, Any] = {
+        attrs: dict[str, AttributeValue] = {
             "messaging.system": "redis",
             "messaging.operation": "receive",
             "cache.keys": len(keys),
@@ -364,13 +395,13 @@ def _namespace_prefix(key: str) -> str:
     return ns.prefix if ns is not None else ""
 
 
-def _redacting_processor() -> Any:
+def _redacting_processor() -> SpanProcessor:
     from opentelemetry.sdk.trace import SpanProcessor
 
     class RedactingProcessor(SpanProcessor):
         """Runs first: takes account ids out of URL attributes before any exporter sees the span."""
 
-        def on_start(self, span: Any, parent_context: Any = None) -> None:
+        def on_start(self, span: SdkSpan, parent_context: otel_context.Context | None = None) -> None:
             attrs = span.attributes or {}
             for name in _URL_ATTRIBUTES:
                 value = attrs.get(name)
@@ -380,7 +411,7 @@ def _redacting_processor() -> Any:
     return RedactingProcessor()
 
 
-def build(otel: Mapping[str, str], instance_id: str, processor: Any = None) -> Telemetry:
+def build(otel: Mapping[str, str], instance_id: str, processor: SpanProcessor | None = None) -> Telemetry:
     """Build the provider (no network I/O; an exporter connects lazily). ``processor``: tests and benchmarks."""
     config = parse(otel, instance_id, has_processor=processor is not None)
     if config.mode == "off":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
-from service.config import ConfigError, load_settings
+from service import config
+from service.config import ConfigError, load_settings, settings_from
 from tests.conftest import ROOT
 from tiers.keys import DataType
 
@@ -94,6 +97,12 @@ def test_settings_are_frozen():
         ({"PORT": "http"}, "PORT"),
         ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN"),
         ({"INSTANCE_ID": "a b"}, "INSTANCE_ID"),
+        ({"L1_MAX_ENTRIES": "0"}, "L1_MAX_ENTRIES"),
+        ({"L1_MAX_TTL": "forever"}, "L1_MAX_TTL"),
+        ({"AFRAMP_WARM_LIMIT": "-1"}, "AFRAMP_WARM_LIMIT"),
+        ({"HORIZON_TIMEOUT": "0"}, "HORIZON_TIMEOUT"),
+        ({"REDIS_OP_TIMEOUT": "inf"}, "REDIS_OP_TIMEOUT"),
+        ({"REDIS_COMMAND_TIMEOUT": "true"}, "REDIS_COMMAND_TIMEOUT"),
     ],
 )
 def test_bad_values_name_the_setting(env, names):
@@ -138,3 +147,78 @@ def test_cli_unreachable_postgres_is_one_clear_line_not_a_traceback():
     )
     assert proc.returncode == 1
     assert "aframp-cache: cannot start: postgres" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _doc() -> dict:
+    return tomllib.loads(CFG.read_text())
+
+
+SECTIONS = {
+    "server": config.ServerSettings,
+    "postgres": config.PostgresSettings,
+    "redis": config.RedisSettings,
+    "horizon": config.HorizonSettings,
+    "l1": config.L1Settings,
+    "coherence": config.CoherenceSettings,
+}
+REQUIRED = [
+    f"{section}.{f.name}"
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if f.metadata["aframp.setting"].required
+]
+
+
+@pytest.mark.parametrize("path", REQUIRED)
+def test_a_missing_config_key_names_itself(path):
+    section, key = path.split(".")
+    doc = _doc()
+    del doc[section][key]
+    with pytest.raises(ConfigError) as err:
+        settings_from(doc, {})
+    assert str(err.value) == f"{path}: missing from the config file"
+
+
+def test_the_environment_stands_in_for_a_missing_config_key():
+    doc = _doc()
+    del doc["redis"]["max_connections"]
+    assert settings_from(doc, {"REDIS_MAX_CONNECTIONS": "9"}).redis.max_connections == 9
+
+
+def test_every_setting_of_the_config_file_is_read():
+    doc = _doc()
+    for section, cls in SECTIONS.items():
+        assert set(doc[section]) == {f.name for f in dataclasses.fields(cls)}, section
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("server", "port", "http", "server.port: expected an integer"),
+        ("redis", "max_connections", 0, "redis.max_connections: must be >= 1"),
+        ("redis", "breaker_failures", "many", "redis.breaker_failures: expected an integer"),
+        ("server", "access_log", "maybe", "server.access_log: expected true or false"),
+        ("coherence", "bound", -1, "coherence.bound: must be > 0"),
+        ("horizon", "network_passphrase", ["x"], "horizon.network_passphrase: expected a string"),
+        ("coherence", "join_window", 0.05, "coherence.join_window: must be below half of coherence.bound"),
+        ("coherence", "ping_interval", 0.08, "coherence.ping_interval: must be below coherence.bound"),
+        ("coherence", "fence_ttl", 29.0, "coherence.fence_ttl: must be at least 3 x"),
+    ],
+)
+def test_a_bad_config_value_names_its_config_key(section, key, value, message):
+    doc = _doc()
+    doc[section][key] = value
+    with pytest.raises(ConfigError) as err:
+        settings_from(doc, {})
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_a_check_across_settings_names_each_where_it_came_from():
+    with pytest.raises(ConfigError, match=r"^redis.min_idle: 21 exceeds REDIS_MAX_CONNECTIONS \(20\)$"):
+        doc = _doc()
+        doc["redis"]["min_idle"] = 21
+        settings_from(doc, {"REDIS_MAX_CONNECTIONS": "20"})
+
+
+def test_join_window_is_read():
+    assert load_settings(CFG, {}).coherence.join_window == 0.025

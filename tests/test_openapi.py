@@ -21,7 +21,7 @@ from service import appkeys as K
 from service.app import _draining, create_app
 from service.routes import OPENAPI_PATH
 from tests.conftest import AUTH, ROOT, eventually
-from tests.horizon_standin import credit
+from testsupport.horizon_standin import credit
 from tiers.keys import DataType
 
 DOC_BYTES = OPENAPI_PATH.read_bytes()

@@ -16,7 +16,7 @@ import pytest
 
 from service import appkeys as K
 from tests.conftest import ADMIN, AUTH, ROOT, eventually
-from tests.tcp_proxy import TcpProxy
+from testsupport.tcp_proxy import TcpProxy
 from tiers.breaker import Breaker, State
 from tiers.keys import DataType
 

@@ -273,7 +273,7 @@ async def test_replace_of_a_derived_key_invalidates_its_source_and_rides_its_new
 async def test_an_acquire_that_reconnects_to_a_restored_redis_never_hits_what_it_restored(tmp_path) -> None:
     """Real Redis only (it is restarted): the script receives the incarnation as an argument before the call
     reconnects; a restart from a snapshot in between must not turn a restored value into a hit."""
-    from tests.redis_server import RedisServer
+    from testsupport.redis_server import RedisServer
 
     server = await RedisServer(tmp_path / "redis").start()
     guard = IncarnationGuard()

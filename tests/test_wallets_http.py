@@ -1,5 +1,5 @@
 """Wallet balances, trustlines and events through the real HTTP app, real Redis and Postgres, and the real
-stellar-sdk client talking to the Horizon stand-in (tests/horizon_standin.py)."""
+stellar-sdk client talking to the Horizon stand-in (testsupport/horizon_standin.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from yarl import URL
 from service import appkeys as K
 from service.config import ConfigError, load_settings
 from tests.conftest import ADMIN, AUTH, ROOT, eventually
-from tests.horizon_standin import MAX_LIMIT, credit, pool_share
+from testsupport.horizon_standin import MAX_LIMIT, credit, pool_share
 
 PROBLEM = "application/problem+json"
 

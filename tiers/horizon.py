@@ -19,10 +19,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
-from stellar_sdk import ServerAsync, StrKey
+import aiohttp
+from stellar_sdk import StrKey
 from stellar_sdk.client.aiohttp_client import AiohttpClient
 from stellar_sdk.exceptions import BadRequestError, BadResponseError, BaseHorizonError, NotFoundError
 from stellar_sdk.exceptions import ConnectionError as SdkConnectionError
+from stellar_sdk.server_async import ServerAsync
 
 from tiers.errors import OriginBadGateway, OriginRateLimited, OriginTimeout, OriginUnavailable
 
@@ -35,7 +37,7 @@ class AccountsOrigin(Protocol):
         ...
 
 
-def create_server(url: str, *, timeout: float, trace_configs: list[Any] | None = None) -> ServerAsync:
+def create_server(url: str, *, timeout: float, trace_configs: list[aiohttp.TraceConfig] | None = None) -> ServerAsync:
     """ServerAsync over one AiohttpClient.
 
     AiohttpClient owns one aiohttp ClientSession (it has no public way to adopt an existing one): created on the

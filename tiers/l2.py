@@ -33,6 +33,11 @@ return v
 """
 
 
+def _raw(value: bytes | str | None) -> bytes | None:
+    """redis-py types a reply as bytes or str (``decode_responses``); our clients never decode, but say so once."""
+    return value.encode() if isinstance(value, str) else value
+
+
 class RedisCache:
     def __init__(
         self,
@@ -77,7 +82,7 @@ class RedisCache:
     # ------------------------------------------------------------ the seed's cache API (raw bytes)
     async def get(self, key: str) -> bytes | None:
         async with self.guard("GET"):
-            return await self.client.get(key)
+            return _raw(await self.client.get(key))
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         async with self.guard("SET"):
@@ -97,7 +102,7 @@ class RedisCache:
         if not keys:
             return []
         async with self.guard("MGET"):
-            return list(await self.client.mget(list(keys)))
+            return [_raw(v) for v in await self.client.mget(list(keys))]
 
     async def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
         if not items:

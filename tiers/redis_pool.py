@@ -13,15 +13,18 @@ import time
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool
-from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.connection import AbstractConnection, Connection, UnixDomainSocketConnection
 
 
-class _Stamped:
+class _Stamped(AbstractConnection):
+    """Mixed in before a concrete connection class: when it connected and when it was last released."""
+
     born: float = 0.0
     last_used: float = 0.0
 
-    async def _connect(self) -> None:  # type: ignore[override]
-        await super()._connect()  # type: ignore[misc]
+    async def _connect(self) -> None:
+        # the concrete class after this mixin in the MRO (TCP or Unix socket) provides _connect, unannotated
+        await super()._connect()  # type: ignore[safe-super, no-untyped-call]
         self.born = time.monotonic()
 
 
@@ -49,13 +52,13 @@ class ManagedPool(BlockingConnectionPool):
         )
         return pool
 
-    async def release(self, connection: Any) -> None:
-        born = getattr(connection, "born", 0.0)
-        if born and time.monotonic() - born > self.max_lifetime:
-            await connection.disconnect()
-            connection.born = 0.0
-            self.recycled += 1
-        connection.last_used = time.monotonic()
+    async def release(self, connection: AbstractConnection) -> None:
+        if isinstance(connection, _Stamped):
+            if connection.born and time.monotonic() - connection.born > self.max_lifetime:
+                await connection.disconnect()
+                connection.born = 0.0
+                self.recycled += 1
+            connection.last_used = time.monotonic()
         await super().release(connection)
 
     # ---- stats
@@ -71,10 +74,10 @@ class ManagedPool(BlockingConnectionPool):
         """Close idle-too-long connections, then top up to ``min_idle`` connected idle ones."""
         now = time.monotonic()
         for conn in list(self._available_connections):
-            if not conn.is_connected:
+            if not conn.is_connected or not isinstance(conn, _Stamped):
                 continue
-            idle_for = now - (getattr(conn, "last_used", 0.0) or getattr(conn, "born", now))
-            aged = now - getattr(conn, "born", now) > self.max_lifetime
+            idle_for = now - (conn.last_used or conn.born)
+            aged = now - conn.born > self.max_lifetime
             if idle_for > self.idle_timeout or aged:
                 await conn.disconnect()
                 conn.born = 0.0
@@ -82,12 +85,14 @@ class ManagedPool(BlockingConnectionPool):
         if self.idle >= self.min_idle:
             return
         room = self.max_connections - len(self._in_use_connections)
-        warm = []
+        warm: list[AbstractConnection] = []
         try:
             # hold min_idle connections at once, so each is a distinct, connected one when released
             for _ in range(max(0, min(self.min_idle, room))):
-                warm.append(await self.get_connection())
+                # redis-py leaves BlockingConnectionPool.get_connection unannotated (it returns AbstractConnection)
+                warm.append(await self.get_connection())  # type: ignore[no-untyped-call]
         finally:
             for conn in warm:
                 await super().release(conn)
-                conn.last_used = time.monotonic()
+                if isinstance(conn, _Stamped):
+                    conn.last_used = time.monotonic()
