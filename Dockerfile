@@ -9,7 +9,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/aframp
 COPY requirements.lock /src/requirements.lock
 RUN /opt/aframp/bin/pip install --no-deps --require-hashes -r /src/requirements.lock
-COPY pyproject.toml README.md config.toml /src/
+COPY pyproject.toml README.md /src/
 COPY service /src/service
 COPY actors /src/actors
 COPY tiers /src/tiers

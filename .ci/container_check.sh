@@ -45,7 +45,7 @@ cleanup() {
   [ "$rc" = 0 ] || [ "$failed" = 1 ] || say "FAIL: stopped by an unexpected error (exit code $rc)"
   if command -v podman >/dev/null 2>&1; then
     for c in "$C_EMB" "$C_A" "$C_B"; do
-      podman container exists "$c" 2>/dev/null && podman rm -f -t 0 "$c" >/dev/null 2>&1
+      podman container exists "$c" 2>/dev/null && podman rm -f -v -t 0 "$c" >/dev/null 2>&1
     done
     podman volume exists "$VOLUME_NAME" 2>/dev/null && podman volume rm -f "$VOLUME_NAME" >/dev/null 2>&1
   fi
@@ -198,7 +198,8 @@ else
   fi
   tar --numeric-owner -C "$ROOTFS" -c . | podman import \
     --change 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$BASE" >/dev/null
+    --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$BASE" >>"$LOG_DIR/debootstrap.log" 2>&1 ||
+    fail "podman import of the base image failed"
   rm -rf "$ROOTFS"
   # earlier recipes' bases are not needed any more
   podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/aframp-ci-base:' | grep -vx "$BASE" |
@@ -210,12 +211,27 @@ fi
 # ------------------------------------------------------------------ 3. the project image
 step "building $IMAGE (podman build --format docker --build-arg BASE=$BASE)"
 t=$(date +%s%N)
-# host network: pip in the build reaches PyPI exactly as it does on this machine
-if ! podman build --format docker --network host --build-arg "BASE=$BASE" -t "$IMAGE" -f Dockerfile . \
-    >"$LOG_DIR/build.log" 2>&1; then
-  grep -v '^WARNING: Location' "$LOG_DIR/build.log" | tail -25 | sed 's/^/    | /'
-  fail "podman build failed"
-fi
+# host network: pip in the build reaches PyPI exactly as it does on this machine. The build stage is tagged too, so
+# its layers (the locked install) stay cached when older images are cleared away below.
+for target in build ""; do
+  if ! podman build --format docker --network host --build-arg "BASE=$BASE" ${target:+--target "$target"} \
+      -t "$IMAGE${target:+-$target}" -f Dockerfile . >>"$LOG_DIR/build.log" 2>&1; then
+    grep -v '^WARNING: Location' "$LOG_DIR/build.log" | tail -25 | sed 's/^/    | /'
+    fail "podman build failed"
+  fi
+done
+# earlier builds' images (untagged now, on this check's base) are not needed any more
+base_layer=$(podman image inspect -f '{{index .RootFS.Layers 0}}' "$BASE")
+for pass in 1 2 3 4 5 6 7 8 9 10; do
+  removed=0
+  for id in $(podman images -a -q --no-trunc --filter dangling=true 2>/dev/null | sort -u); do
+    if podman image inspect -f '{{range .RootFS.Layers}}{{.}} {{end}}' "$id" 2>/dev/null | grep -q "$base_layer" &&
+        podman rmi "$id" >/dev/null 2>&1; then
+      removed=1
+    fi
+  done
+  [ "$removed" = 1 ] || break
+done
 step "built in $(( $(ms_since "$t") / 1000 )) s: $(podman image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'), user $(podman image inspect -f '{{.Config.User}}' "$IMAGE")"
 
 # ------------------------------------------------------------------ 4. the embedded default
@@ -266,7 +282,7 @@ answer=$(http PUT "http://127.0.0.1:$P/v1/rates/CNGN/USD" "{\"rate\": \"$R0\", \
 
 stop_timed "$C_EMB"
 step "podman stop: $STOP_MS ms, exit code 0"
-podman rm -f "$C_EMB" >/dev/null 2>>"$LOG_DIR/podman.log"
+podman rm -f -v "$C_EMB" >/dev/null 2>>"$LOG_DIR/podman.log"
 
 run_embedded "$C_EMB" "$P"
 t=$(date +%s%N)
@@ -276,7 +292,7 @@ answer=$(http GET "http://127.0.0.1:$P/v1/rates/CNGN/USD")
   fail "a new container on the volume does not serve the rate written before: $answer $(head -c 300 "$LOG_DIR/body")"
 stop_timed "$C_EMB"
 step "a new container on the same volume: ready after $(ms_since "$t") ms, serves the rate written before ($R0); stop $STOP_MS ms"
-podman rm -f "$C_EMB" >/dev/null 2>>"$LOG_DIR/podman.log"
+podman rm -f -v "$C_EMB" >/dev/null 2>>"$LOG_DIR/podman.log"
 
 # ------------------------------------------------------------------ 5. two containers, one Postgres and one Redis
 (exec 3<>"/dev/tcp/$PG_HOST/$PG_PORT") 2>/dev/null || fail "no Postgres on $PG_HOST:$PG_PORT"
