@@ -108,9 +108,9 @@ command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ "${#missing[@]}" -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 || skip "podman is not installed and there is no apt-get to install it"
-  step "installing ${missing[*]} (apt-get)"
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      podman runc debootstrap curl uidmap fuse-overlayfs slirp4netns catatonit ca-certificates; } \
+  step "installing ${missing[*]} (apt-get; packages already installed are left as they are)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade \
+      podman runc debootstrap curl uidmap fuse-overlayfs slirp4netns catatonit iptables ca-certificates; } \
       >"$LOG_DIR/apt.log" 2>&1; then
     tail -5 "$LOG_DIR/apt.log" | sed 's/^/    | /'
     skip "apt-get could not install podman/runc/debootstrap"
@@ -201,9 +201,6 @@ else
     --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$BASE" >>"$LOG_DIR/debootstrap.log" 2>&1 ||
     fail "podman import of the base image failed"
   rm -rf "$ROOTFS"
-  # earlier recipes' bases are not needed any more
-  podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/aframp-ci-base:' | grep -vx "$BASE" |
-    xargs -r podman rmi -f >/dev/null 2>&1 || true
 fi
 [ "$(podman run --rm --network none "$BASE" python -c 'import sys; print(sys.version_info[:2] >= (3, 11))')" = True ] ||
   fail "the base image has no python >= 3.11 on PATH"
@@ -220,18 +217,21 @@ for target in build ""; do
     fail "podman build failed"
   fi
 done
-# earlier builds' images (untagged now, on this check's base) are not needed any more
-base_layer=$(podman image inspect -f '{{index .RootFS.Layers 0}}' "$BASE")
-for _ in 1 2 3 4 5 6 7 8 9 10; do  # a removed child can leave its parent untagged and childless
+# Earlier builds' images (untagged now) and earlier recipes' bases are not needed any more: remove the untagged images
+# built on any aframp-ci-base (a removed child can leave its parent untagged, hence the passes), then the old bases.
+old_bases=$(podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/aframp-ci-base:' | grep -vx "$BASE" || true)
+base_layers=$(for b in "$BASE" $old_bases; do podman image inspect -f '{{index .RootFS.Layers 0}}' "$b"; done)
+for _ in 1 2 3 4 5 6 7 8 9 10; do
   removed=0
   for id in $(podman images -a -q --no-trunc --filter dangling=true 2>/dev/null | sort -u); do
-    if podman image inspect -f '{{range .RootFS.Layers}}{{.}} {{end}}' "$id" 2>/dev/null | grep -q "$base_layer" &&
+    if podman image inspect -f '{{range .RootFS.Layers}}{{.}} {{end}}' "$id" 2>/dev/null | grep -qF "$base_layers" &&
         podman rmi "$id" >/dev/null 2>&1; then
       removed=1
     fi
   done
   [ "$removed" = 1 ] || break
 done
+for b in $old_bases; do podman rmi "$b" >/dev/null 2>&1 || true; done
 step "built in $(( $(ms_since "$t") / 1000 )) s: $(podman image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'), user $(podman image inspect -f '{{.Config.User}}' "$IMAGE")"
 
 # ------------------------------------------------------------------ 4. the embedded default
