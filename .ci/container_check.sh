@@ -60,7 +60,7 @@ cleanup() {
   return "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'failed=1; say "FAIL: interrupted"; exit 130' INT TERM
 
 # A container's last lines of output, for a failure message.
 show_logs() { podman logs --tail "${2:-30}" "$1" 2>&1 | sed 's/^/    | /' || true; }
@@ -140,7 +140,10 @@ step "podman $(podman version -f '{{.Client.Version}}' 2>/dev/null), runtime $(p
 LOCK=/run/lock/aframp-container-check.lock
 [ -d /run/lock ] && [ -w /run/lock ] || LOCK=/tmp/aframp-container-check.lock
 exec 9>"$LOCK"
-flock -w 900 9 || fail "another container check held the lock for 15 minutes"
+if ! flock -n 9; then
+  step "waiting for another container check to finish"
+  flock -w 900 9 || fail "another container check held the lock for 15 minutes"
+fi
 
 # ------------------------------------------------------------------ 2. the local base image (debootstrap)
 # The Debian mirror apt uses on this machine (deb822 .sources first, then one-line .list entries).
