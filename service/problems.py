@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from actors.base import ActorStopped
-from tiers.coherence import WriteUnavailable
+from tiers.coherence import InvalidationPending, WriteUnavailable
 from tiers.errors import Conflict, OriginError
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,17 @@ def answer_failure(request: web.Request, exc: Exception) -> web.StreamResponse:
             "Invalidation unavailable",
             "nothing was changed: this instance cannot reach Redis to invalidate every instance's copy first; "
             "retry (another instance, or shortly)",
+            {"Retry-After": "1"},
+        )
+    except InvalidationPending as err:
+        log.warning("write committed, invalidation pending: %s", err, extra={"event": "invalidation_pending"})
+        return problem_response(
+            503,
+            "invalidation-pending",
+            "Invalidation pending",
+            "the write was committed, but Redis failed while it was in progress and the invalidation could not be "
+            "confirmed: every instance drops the old value once Redis answers again (the outbox, within seconds); "
+            "retrying the same write is safe",
             {"Retry-After": "1"},
         )
     except ActorStopped:

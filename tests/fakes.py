@@ -243,10 +243,12 @@ class FakeStore:
                 s.state.fences[src] = tokens
         return s.publish(self.channel, message)
 
-    async def unfence(self, sources: Sequence[str], token: str, *, committed: bool) -> None:
+    async def unfence(self, sources: Sequence[str], token: str, *, committed: bool) -> int:
         s = self._call()
+        held = 0
         for src in sources:
-            s.state.fences.get(src, {}).pop(token, None)
+            exp = s.state.fences.get(src, {}).pop(token, None)
+            held += exp is not None and exp > s._now()
             if committed:
                 s.state.pre.pop(src, None)
                 continue
@@ -260,6 +262,7 @@ class FakeStore:
                     incarnation=stored.incarnation,
                 )  # fmt: skip
                 s.state.values[src] = (head + str(s.gen(src)).encode() + tail, pre[1])
+        return held
 
     async def replace(
         self,

@@ -104,6 +104,21 @@ async def test_a_fence_blocks_fills_until_every_writer_lifted_its_own(store: Any
     assert await fill(store, S, (S,), c.gens, "c", b'"new"')
 
 
+async def test_unfence_answers_how_many_fences_the_writer_still_held(store: Any) -> None:
+    """A writer learns whether its fences held from before its commit to its unfence: one Redis lost (a restart, an
+    older snapshot, a failover), or one that expired, is not counted, and the engine then invalidates again."""
+    other = "v1:rate:XK:USD"
+    await store.invalidate((S, other), b"{}", fence="w", fence_ms=30_000)
+    assert await store.unfence((S, other), "w", committed=True) == 2
+    assert await store.unfence((S,), "never-fenced", committed=True) == 0  # as after a restart lost it
+    await store.invalidate((S,), b"{}", fence="short", fence_ms=30)
+    deadline = time.monotonic() + 5
+    while (await load(store, S, (S,), secrets.token_hex(2))).status is Status.FENCED:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)  # polling the fence's expiry, with a deadline
+    assert await store.unfence((S,), "short", committed=True) == 0
+
+
 async def test_a_fence_expires_by_itself(store: Any) -> None:
     await store.invalidate((S,), b"{}", fence="w", fence_ms=50)  # its writer died before lifting it
     deadline = time.monotonic() + 5

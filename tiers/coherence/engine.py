@@ -33,6 +33,12 @@ class WriteUnavailable(TierError):
     """The invalidation of a write could not be made certain (Redis unreachable): nothing was changed."""
 
 
+class InvalidationPending(TierError):
+    """The write was committed, but Redis lost its fence mid-write (a restart, a restore, a failover) or could not be
+    asked afterwards, and the invalidation after the commit failed: the outbox row stays, and the sweep of any
+    instance that can reach Redis applies it (``outbox_sweep + outbox_grace`` after Redis answers again)."""
+
+
 @dataclass(frozen=True, slots=True)
 class CoherenceConfig:
     channel: str
@@ -117,6 +123,7 @@ class Coherence:
         self.echoes_skipped = 0
         self.lease_lapses = 0
         self.outbox_applied = 0
+        self.fences_lost = 0  # writes whose fence Redis lost mid-write (invalidated again after the commit)
         self.on_session: Callable[[], None] | None = None  # told when a subscriber session starts (breaker probe)
         self._last_seq: int | None = None
         self._settled: list[int] = []
@@ -180,6 +187,7 @@ class Coherence:
         """
         names = tuple(k.rendered for k in keys)
         token = secrets.token_hex(8)
+        fenced_in = ""
         if self.store is not None:
             try:
                 await self.store.invalidate(
@@ -187,6 +195,7 @@ class Coherence:
                 )
             except CacheUnavailable as err:
                 raise WriteUnavailable(f"cannot invalidate {len(names)} key(s): {err}") from err
+            fenced_in = self.store.incarnation
         self._apply(names, (), sent=True)
         scope = WriteScope(names)
         committed = False
@@ -200,14 +209,32 @@ class Coherence:
         finally:
             self.l1.invalidate(names)  # loads this instance began before the commit never fill L1
             settled = self.store is None
+            pending: CacheUnavailable | None = None
             if self.store is not None:
+                lost = False
                 try:
-                    await self.store.unfence(names, token, committed=committed)
+                    held = await self.store.unfence(names, token, committed=committed)
                     settled = True
-                except CacheUnavailable as err:  # the outbox sweep will finish the job
-                    log.info("write fence left to expire: %s", err, extra={"event": "fence_left"})
+                    # the fence must have held from before the commit until now; if Redis lost it (a restart, an
+                    # older snapshot, a failover), a load may have filled the row as it was before the commit
+                    lost = committed and (held < len(names) or self.store.incarnation != fenced_in)
+                except CacheUnavailable as err:
+                    lost = committed  # whether the fence held cannot be known: invalidate again, or do not answer
+                    log.info("write fence not lifted: %s", err, extra={"event": "fence_left"})
+                if lost:
+                    self.fences_lost += 1
+                    try:
+                        await self.store.invalidate(names, self._message(names, ()))
+                        self._apply(names, (), sent=True)
+                        settled = True
+                    except CacheUnavailable as err:
+                        settled, pending = False, err  # the outbox row stays: the sweep applies it
             if settled and scope.outbox_id is not None:
                 self._settled.append(scope.outbox_id)  # deleted in batches by the sweeper
+            if pending is not None:
+                raise InvalidationPending(
+                    f"committed, but the invalidation of {len(names)} key(s) could not be confirmed: {pending}"
+                ) from pending
 
     async def invalidate(self, keys: Sequence[CacheKey]) -> None:
         """An event (no row of ours changed): invalidate everywhere before answering, or raise WriteUnavailable."""

@@ -163,7 +163,9 @@ return seq
 """
 )
 
-# KEYS: per source: S, S|g, S|w, S|pre (4 each). ARGV: token, n, committed ("1"). Lifts this writer's fence.
+# KEYS: per source: S, S|g, S|w, S|pre (4 each). ARGV: token, n, committed ("1"). Lifts this writer's fence and
+# answers how many of its n fences were still there (fewer: Redis lost them mid-write — a restart, a restore from an
+# older snapshot, a failover — and the engine invalidates again after the commit).
 # Committed: the moved-aside values are superseded: deleted. Not committed (the write failed): when no other writer
 # still fences S and S was not refilled, the moved-aside value is the truth again: put back, under the current
 # generation.
@@ -171,9 +173,12 @@ _UNFENCE = (
     _PRELUDE
     + """
 local n = tonumber(ARGV[2])
+local held = 0
 for i = 0, n - 1 do
   local b = i * 4
   local w = KEYS[b + 3]
+  local score = redis.call('ZSCORE', w, ARGV[1])
+  if score and tonumber(score) > now_ms then held = held + 1 end
   redis.call('ZREM', w, ARGV[1])
   if ARGV[3] == '1' then
     redis.call('UNLINK', KEYS[b + 4])
@@ -188,7 +193,7 @@ for i = 0, n - 1 do
     redis.call('UNLINK', KEYS[b + 4])
   end
 end
-return 1
+return held
 """
 )
 
@@ -429,10 +434,10 @@ class RedisStore:
         async with self.cache.guard("EVALSHA invalidate"):
             return int(await self._invalidate(keys=keys, args=args))
 
-    async def unfence(self, sources: Sequence[str], token: str, *, committed: bool) -> None:
+    async def unfence(self, sources: Sequence[str], token: str, *, committed: bool) -> int:
         keys = [k for s in sources for k in (s, s + GEN, s + FENCE, s + PRE)]
         async with self.cache.guard("EVALSHA unfence"):
-            await self._unfence(keys=keys, args=[token, len(sources), "1" if committed else "0"])
+            return int(await self._unfence(keys=keys, args=[token, len(sources), "1" if committed else "0"]))
 
     async def replace(
         self,

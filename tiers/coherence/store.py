@@ -74,7 +74,9 @@ class Store(Protocol):
     async def invalidate(
         self, sources: Sequence[str], message: bytes, *, fence: str | None = None, fence_ms: int = 0
     ) -> int: ...
-    async def unfence(self, sources: Sequence[str], token: str, *, committed: bool) -> None: ...
+    async def unfence(
+        self, sources: Sequence[str], token: str, *, committed: bool
+    ) -> int: ...  # how many of this writer's fences were still held
     async def replace(
         self,
         key: str,
