@@ -32,7 +32,7 @@ from bench._common import (
 )
 
 PAIR = ("CNGN", "USD")
-META = ("amounts", "read_seconds", "redis_keys", "bytes_per_key", "approx_redis_bytes")
+META = ("amounts", "read_seconds", "redis_keys", "bytes_per_key", "approx_redis_bytes", "slowlog_max_ms")
 
 
 async def put_latencies(s: aiohttp.ClientSession, url: str, n: int, start: int) -> list[float]:
@@ -73,7 +73,11 @@ async def run(smoke: bool, amounts: int, out: str) -> Result:
             no_ttl = [k for k in keys if await redis.pttl(k) < 0]
             sample = keys[:: max(1, len(keys) // 500)]
             mem = [await redis.memory_usage(k) or 0 for k in sample]
+            last = await redis.slowlog_get(1)
+            last_id = last[0]["id"] if last else -1
             loaded = await put_latencies(s, put_url, 20, 100)  # the pair's writes with every conversion cached
+            # Redis' own record of slow commands (over slowlog-log-slower-than, 10 ms by default) since then
+            slow = [e for e in await redis.slowlog_get(128) if e["id"] > last_id]
     await redis.aclose()
     res = Result(
         "derived_keys",
@@ -87,12 +91,15 @@ async def run(smoke: bool, amounts: int, out: str) -> Result:
               sl["p50"] <= 2 * se["p50"] + 1, "ms")  # fmt: skip
     res.check("write max with N derived", sl["max"], se["max"], sl["max"] / se["max"], "a few ms", sl["max"] < 20, "ms")
     res.check("keys without a TTL", len(no_ttl), 0, 0.0, "0", not no_ttl, "keys")
+    slowest = max((e["duration"] for e in slow), default=0) / 1000
+    res.check("Redis SLOWLOG entries during the writes", len(slow), 0, 0.0, "0", not slow, "entries")
     res.meta.update(
         amounts=amounts,
         read_seconds=round(read_s, 2),
         redis_keys=len(keys),
         bytes_per_key=round(sum(mem) / max(1, len(mem))),
         approx_redis_bytes=round(sum(mem) / max(1, len(mem)) * len(keys)),
+        slowlog_max_ms=slowest,
     )
     res.write(out)
     return res
