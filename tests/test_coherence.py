@@ -414,6 +414,57 @@ async def test_redis_restarted_from_a_snapshot_never_resurrects_invalidated_valu
         server.stop()
 
 
+async def test_a_redis_restart_between_a_writes_fence_and_its_commit_never_leaves_the_old_row(
+    make_client, settings_factory, tmp_path, pg
+):
+    """Found by the simulation: Redis restarts from a snapshot taken before a write's fence while the write waits to
+    commit; a peer loads the row as it still is and fills it (nothing fences it any more). The writer must notice
+    that its fence did not hold and invalidate again before it answers, or every instance serves the old rate until
+    its TTL."""
+    import redis.asyncio as aioredis
+
+    server = await RedisServer(tmp_path / "redis").start()
+    probe = aioredis.Redis.from_url(server.url)
+    try:
+        s = settings_factory(env={"REDIS_URL": server.url})
+        a, b = await make_client(s), await make_client(s)
+        old = (await rate_of(b))[0]
+        await server.save()  # the snapshot predates the write's fence
+        async with pg.transaction():  # hold the row: the writer's upsert waits between its fence and its commit
+            await pg.execute("SELECT 1 FROM exchange_rates WHERE base='CNGN' AND quote='USD' FOR UPDATE")
+            put = asyncio.create_task(a.put("/v1/rates/CNGN/USD", json={"rate": "0.00333"}, headers=AUTH))
+
+            async def fenced() -> bool:
+                return bool(await probe.exists("v1:rate:CNGN:USD|w"))
+
+            await eventually(fenced)
+            server.kill9()
+            await server.start()  # the fence and the generation bump are gone with the restart
+            await probe.aclose()
+            probe = aioredis.Redis.from_url(server.url)
+            co_b = b.app[K.COHERENCE]
+
+            async def b_back() -> bool:
+                return co_b.subscribed and co_b.store.guard.changes >= 1
+
+            await eventually(b_back, timeout=10)
+            during = await rate_of(b)  # the row as it still is, loaded and filled under the new incarnation
+            assert during[0] == old
+        answer = await put  # the commit
+        assert answer.status == 200, await answer.text()
+        assert a.app[K.COHERENCE].fences_lost >= 1
+
+        async def everyone_sees_it() -> bool:
+            return [(await rate_of(x))[0] for x in (a, b)] == ["0.00333", "0.00333"]
+
+        await eventually(everyone_sees_it, timeout=1.0)
+        c = await make_client(s)  # a newcomer reads Redis: nothing servable holds the old row
+        assert (await rate_of(c))[0] == "0.00333"
+    finally:
+        await probe.aclose()
+        server.stop()
+
+
 # ---------------------------------------------------------------- finding 6: state left by reads
 
 
