@@ -132,8 +132,11 @@ async def test_a_silent_subscriber_connection_stops_l1_within_the_bound(make_cli
         await proxy.close()
 
 
-async def test_cold_key_stampede_across_three_instances_loads_once(make_client):
-    apps = [await make_client() for _ in range(3)]
+async def test_cold_key_stampede_across_three_instances_loads_once(make_client, settings_factory):
+    # peers wait for the lease holder's fill; on a loaded machine that fill (300 requests queued on 3 instances)
+    # can outlast the default lease_wait of 1 s, after which a peer rightly loads itself: wait longer here
+    s = settings_factory(coherence={"lease_wait": 10.0})
+    apps = [await make_client(s) for _ in range(3)]
     reqs = [apps[i % 3].get("/v1/rates/XLM/USD") for i in range(300)]
     results = await asyncio.gather(*reqs)
     assert all(r.status == 200 for r in results)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
@@ -414,14 +415,15 @@ async def test_logs_are_json_with_trace_ids_and_never_hold_secrets(make_client: 
 
     pg_password = "pg-Pa55word-never-logged"
     redis_password = "redis-Pa55word-never-logged"
-    dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://postgres:{pg_password}@")
+    u = urlsplit(pg_dsn)  # any DSN form: user@host:port, or user:@ with ?host=<socket dir> (pgserver)
+    dsn = urlunsplit(u._replace(netloc=f"{u.username or 'postgres'}:{pg_password}@{u.netloc.rsplit('@', 1)[-1]}"))
     assert pg_password in dsn
     buf = io.StringIO()
     handler = logs.json_handler(buf)
     root = logging.getLogger()
     old_level = root.level
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.DEBUG)  # the effective settings are logged at debug
     try:
         _, proc = recorder()
         a = await make_client(span_processor=proc, env={"DATABASE_URL": dsn})
@@ -445,8 +447,9 @@ async def test_logs_are_json_with_trace_ids_and_never_hold_secrets(make_client: 
     for secret in (ADMIN, pg_password, redis_password):
         assert secret not in text
     lines = [orjson.loads(line) for line in text.splitlines()]
-    startup = [e for e in lines if e["event"] == "startup"]
-    assert len(startup) == 2
+    assert len([e for e in lines if e["event"] == "startup"]) == 2
+    startup = [e for e in lines if e["event"] == "settings"]
+    assert len(startup) == 2 and all(e["level"] == "debug" for e in startup)
     st = startup[0]["settings"]
     assert st["server"]["admin_token"] == "set"
     assert st["postgres"]["url"].startswith("postgresql://postgres:***@")
