@@ -138,3 +138,38 @@ def test_cli_unreachable_postgres_is_one_clear_line_not_a_traceback():
     )
     assert proc.returncode == 1
     assert "aframp-cache: cannot start: postgres" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_packaged_config_is_the_one_at_the_root(tmp_path):
+    from service.config import DEFAULT_CONFIG, find_config
+
+    assert DEFAULT_CONFIG == ROOT / "service" / "config.toml"
+    assert DEFAULT_CONFIG.read_bytes() == CFG.read_bytes(), "cp service/config.toml config.toml"
+    assert find_config(None, {}) == DEFAULT_CONFIG
+    assert find_config(None, {"AFRAMP_CONFIG": str(tmp_path / "a.toml")}) == tmp_path / "a.toml"
+    assert find_config(tmp_path / "b.toml", {"AFRAMP_CONFIG": str(tmp_path / "a.toml")}) == tmp_path / "b.toml"
+
+
+def test_cli_version_and_help_show_defaults_and_the_environment(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    run = [sys.executable, "-m", "service"]
+    version = subprocess.run([*run, "--version"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("aframp-cache ")
+    helped = subprocess.run([*run, "serve", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0
+    for text in ("127.0.0.1", "8080", "AFRAMP_CONFIG", "AFRAMP_DATA_DIR", "DATABASE_URL", "REDIS_URL", "LOG_FORMAT"):
+        assert text in helped.stdout, text
+    assert "HORIZON_TIMEOUT" in helped.stdout and "default:" in helped.stdout
+
+
+def test_cli_bad_log_format_is_a_configuration_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        env={"LOG_FORMAT": "xml", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "aframp-cache: configuration error: LOG_FORMAT: expected json or text, got 'xml'"
+    )

@@ -496,3 +496,30 @@ async def test_head_sampling_skips_sampled_out_requests_but_honours_a_callers_tr
     spans = list(exp.get_finished_spans())
     assert spans and {format(sp.context.trace_id, "032x") for sp in spans} == {TRACE_ID}
     assert by_name(spans, "cache.origin") and db_spans(spans)
+
+
+def test_text_logs_for_a_terminal_demote_third_party_noise_and_hold_no_secrets() -> None:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        for level in (logging.INFO, logging.DEBUG):
+            buf = io.StringIO()
+            logs.setup_logging(level, buf, fmt="text")
+            logs.register_secret(ADMIN)
+            logging.getLogger("service.app").info("listening, token %s, db postgresql://u:pw-secret-1@h/x", ADMIN)
+            logging.getLogger("pgserver").info("Running commandline: initdb ...")
+            out = buf.getvalue()
+            assert "INFO    listening, token ***, db postgresql://u:***@h/x" in out
+            assert ADMIN not in out and "pw-secret-1" not in out and not out.lstrip().startswith("{")
+            if level == logging.INFO:
+                assert "initdb" not in out
+            else:
+                assert "DEBUG   pgserver: Running commandline: initdb" in out
+        assert logs.default_format(io.StringIO()) == "json"  # not a terminal
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        logging.captureWarnings(False)
