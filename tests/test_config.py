@@ -173,3 +173,34 @@ def test_cli_bad_log_format_is_a_configuration_error():
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "aframp-cache: configuration error: LOG_FORMAT: expected json or text, got 'xml'"
     )
+
+
+PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+
+
+def test_the_wheel_holds_every_package_and_the_default_config(tmp_path):
+    """A non-editable install must run from any folder: every subpackage and the package data are in the wheel."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md", "service", "actors", "tiers"):
+        src.mkdir(exist_ok=True)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, src / name)
+    proc = subprocess.run(
+        [*PIP_WHEEL, "-w", str(tmp_path / "wheel"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = {p.parent.relative_to(ROOT).as_posix() for top in ("service", "actors", "tiers")
+                for p in (ROOT / top).rglob("__init__.py")}  # fmt: skip
+    assert {f"{p}/__init__.py" for p in packages} <= names
+    assert {"service/config.toml", "service/openapi.yaml", "service/dashboard.html"} <= names
+    assert any(n.startswith("tiers/migrations/") and n.endswith(".sql") for n in names)
