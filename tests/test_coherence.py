@@ -297,6 +297,14 @@ async def test_no_stale_conversion_survives_concurrent_writes_and_reads(
             assert (await a.put("/v1/rates/CNGN/USD", json={"rate": rate}, headers=AUTH)).status == 200
             await scan_for_stale_fills(rate)
             i += 1
+        # let both readers go on past the last write (on a loaded machine they may not have read since), so that
+        # Redis holds conversions filled around it for the fresh instance below to check
+        after = dict(reads)
+
+        async def both_read_again() -> bool:
+            return all(reads[n] >= after[n] + 3 for n in reads)
+
+        await eventually(both_read_again, timeout=20)
         stop.set()
 
     async def reader(name: str, client) -> None:
