@@ -263,3 +263,19 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(interval)
+
+
+async def kill_own_pubsub_connections(client: aioredis.Redis) -> int:
+    """``CLIENT KILL`` of this process's pub/sub connections only: on a Redis that other sessions (and other
+    people's services) use too, a plain ``CLIENT KILL TYPE pubsub`` would cut their subscribers as well."""
+    import psutil
+
+    mine = {f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections(kind="inet") if c.raddr}
+    entries = await client.client_list(_type="pubsub")
+    if any(not e["addr"][:1].isdigit() and not e["addr"].startswith("[") for e in entries):  # unix sockets
+        return int(await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+    killed = 0
+    for e in entries:
+        if e["addr"] in mine:
+            killed += int(await client.execute_command("CLIENT", "KILL", "ID", e["id"]))
+    return killed
