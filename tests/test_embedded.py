@@ -27,13 +27,11 @@ def _env(**extra: str) -> dict[str, str]:
     return {**keep, "PYTHONPATH": str(ROOT), "LOG_FORMAT": "json", **extra}
 
 
-def _temp_entries() -> set[str]:
-    return set(os.listdir(tempfile.gettempdir()))
-
-
-def test_embedded_redis_is_shared_and_the_last_user_out_stops_it(tmp_path: Path) -> None:
+def test_embedded_redis_is_shared_and_the_last_user_out_stops_it(tmp_path: Path, monkeypatch: Any) -> None:
     data = tmp_path / "d"
-    before = _temp_entries()
+    private_tmp = tmp_path / "tmp"  # the system temp dir of both processes here, to see that nothing goes there
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     other = subprocess.Popen(  # another process using the same data dir
         [PY, "-c", textwrap.dedent(f"""
             import sys
@@ -45,7 +43,7 @@ def test_embedded_redis_is_shared_and_the_last_user_out_stops_it(tmp_path: Path)
             r.stop()
             print("stopped", flush=True)
         """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=_env(TMPDIR=str(private_tmp)),
     )  # fmt: skip
     assert other.stdout is not None and other.stdin is not None
     url, started = other.stdout.readline().split()
@@ -66,13 +64,15 @@ def test_embedded_redis_is_shared_and_the_last_user_out_stops_it(tmp_path: Path)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     files = {p.relative_to(data).as_posix() for p in data.rglob("*")}
     assert files <= {"redis", "redis/lock", "redis/users", "redis/redis.conf", "redis/redis.log", "redis/redis.pid"}
-    assert _temp_entries() - before == set()  # nothing in the system temp dir
+    assert list(private_tmp.iterdir()) == []  # nothing in the system temp dir
 
 
 def _start(data: Path, port: int = 0) -> tuple[subprocess.Popen[str], int]:
+    tmp = data.parent / "tmp"  # the instance's system temp dir: must stay empty
+    tmp.mkdir(exist_ok=True)
     proc = subprocess.Popen(
         [PY, "-m", "service", "serve", "--port", str(port)],
-        cwd=ROOT, env=_env(AFRAMP_DATA_DIR=str(data), AFRAMP_WARM_LIMIT="10"),
+        cwd=ROOT, env=_env(AFRAMP_DATA_DIR=str(data), AFRAMP_WARM_LIMIT="10", TMPDIR=str(tmp)),
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert proc.stderr is not None
@@ -133,6 +133,7 @@ def test_two_instances_share_one_data_dir_and_either_may_stop_first(tmp_path: Pa
         # the last one out stopped both servers
         assert not EmbeddedRedis(data)._answers()
         assert not (data / "postgres" / "postmaster.pid").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []  # every file of theirs is under the data dir
 
 
 def test_a_taken_port_exits_at_once_with_one_line(tmp_path: Path) -> None:
