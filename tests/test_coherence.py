@@ -134,8 +134,10 @@ async def test_a_silent_subscriber_connection_stops_l1_within_the_bound(make_cli
 
 async def test_cold_key_stampede_across_three_instances_loads_once(make_client, settings_factory):
     # peers wait for the lease holder's fill; on a loaded machine that fill (300 requests queued on 3 instances)
-    # can outlast the default lease_wait of 1 s, after which a peer rightly loads itself: wait longer here
-    s = settings_factory(coherence={"lease_wait": 10.0})
+    # can outlast the default lease_wait of 1 s, after which a peer rightly loads itself, and Redis commands can
+    # outlast the 0.25 s command timeout, which opens the breaker (then each instance loads on its own): what
+    # is tested here is the single flight, so the waits are long enough for a loaded machine
+    s = settings_factory(coherence={"lease_wait": 10.0}, redis={"command_timeout": 5.0, "op_timeout": 10.0})
     apps = [await make_client(s) for _ in range(3)]
     reqs = [apps[i % 3].get("/v1/rates/XLM/USD") for i in range(300)]
     results = await asyncio.gather(*reqs)
