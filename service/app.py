@@ -51,6 +51,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)  # no middleware: each route is wrapped (service.observed)
     app[K.SETTINGS] = settings
     app[K.LIFECYCLE] = K.Lifecycle()
+    app[K.EMBEDDED] = []
     app[K.METRICS] = Metrics(lambda: (snapshot(app), app[K.STATS]) if K.STATS in app else None)
     logs.register_secret(settings.server.admin_token)
     logs.register_url(settings.postgres.url)
@@ -88,7 +89,12 @@ async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[K.SETTINGS]
     embedded = EmbeddedPostgres(s.server.data_dir) if s.postgres.embedded else None
-    dsn = embedded.start() if embedded else s.postgres.url
+    if embedded:  # subprocesses and file locks: in a worker thread, never on the event loop
+        dsn = await asyncio.to_thread(embedded.start)
+        app[K.EMBEDDED].append(f"postgres ({'started' if embedded.started else 'shared'})")
+        log.debug("embedded postgres in %s", embedded.path)
+    else:
+        dsn = s.postgres.url
     try:
         pool = await postgres.create_pool(
             dsn,
@@ -115,7 +121,7 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
                 pool.terminate()
     finally:
         if embedded:
-            embedded.stop()
+            await asyncio.shield(asyncio.to_thread(embedded.stop))
 
 
 # ---------------------------------------------------------------- Redis
@@ -128,7 +134,11 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     embedded = EmbeddedRedis(app[K.SETTINGS].server.data_dir) if s.embedded else None
-    url = embedded.start() if embedded else s.url
+    if embedded:  # subprocesses and file locks: in a worker thread, never on the event loop
+        url = await asyncio.to_thread(embedded.start)
+        app[K.EMBEDDED].append(f"redis ({'started' if embedded.started else 'shared'})")
+    else:
+        url = s.url
     # every new connection checks the server's incarnation before its first command (tiers.coherence, rule 6)
     incarnation = IncarnationGuard()
     pool = ManagedPool.for_url(
@@ -173,7 +183,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
                 await client.aclose()
                 await pool.disconnect()
         if embedded:
-            embedded.stop()
+            await asyncio.shield(asyncio.to_thread(embedded.stop))
 
 
 async def _maintain_pool(pool: ManagedPool, idle_timeout: float) -> None:
@@ -326,11 +336,10 @@ async def lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
     """Ready once the cache is warm (or warming took too long); draining from shutdown on."""
     s = app[K.SETTINGS]
     log.info(
-        "started instance %s (tracing: %s)",
-        s.server.instance_id,
-        app[K.TELEMETRY].mode,
-        extra={"event": "startup", "settings": logs.public_settings(s)},
+        "started instance %s (tracing: %s)", s.server.instance_id, app[K.TELEMETRY].mode, extra={"event": "startup"}
     )
+    # every effective setting (about 2 KB): at debug level, LOG_LEVEL=debug shows it
+    log.debug("effective settings", extra={"event": "settings", "settings": logs.public_settings(s)})
     task = asyncio.create_task(_warm_then_ready(app), name="cache-warming")
     try:
         yield

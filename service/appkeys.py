@@ -53,6 +53,8 @@ class RedisHandles:
 
 
 SETTINGS = web.AppKey("settings", Settings)
+# the embedded servers this instance uses, e.g. "postgres (started)", "redis (shared)", for the start-up line
+EMBEDDED = web.AppKey("embedded", list[str])
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 PG_DSN = web.AppKey("pg_dsn", str)
 PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)

@@ -348,16 +348,18 @@ class _Reader:
         return self.names.get(label, label)
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+# package data: found wherever the command runs, installed or not (config.toml at the repository root is a
+# byte-identical copy for readers; tests/test_config.py fails when they differ)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
 
 
 def find_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
+    """``--config``, else ``AFRAMP_CONFIG``, else the packaged default (never an implicit ./config.toml)."""
     if path:
         return Path(path)
     if env.get("AFRAMP_CONFIG"):
         return Path(env["AFRAMP_CONFIG"])
-    local = Path.cwd() / "config.toml"
-    return local if local.is_file() else DEFAULT_CONFIG
+    return DEFAULT_CONFIG
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:

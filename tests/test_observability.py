@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
@@ -415,14 +416,15 @@ async def test_logs_are_json_with_trace_ids_and_never_hold_secrets(make_client: 
 
     pg_password = "pg-Pa55word-never-logged"
     redis_password = "redis-Pa55word-never-logged"
-    dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://postgres:{pg_password}@")
+    u = urlsplit(pg_dsn)  # any DSN form: user@host:port, or user:@ with ?host=<socket dir> (pgserver)
+    dsn = urlunsplit(u._replace(netloc=f"{u.username or 'postgres'}:{pg_password}@{u.netloc.rsplit('@', 1)[-1]}"))
     assert pg_password in dsn
     buf = io.StringIO()
     handler = logs.json_handler(buf)
     root = logging.getLogger()
     old_level = root.level
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.DEBUG)  # the effective settings are logged at debug
     try:
         _, proc = recorder()
         a = await make_client(span_processor=proc, env={"DATABASE_URL": dsn})
@@ -446,8 +448,9 @@ async def test_logs_are_json_with_trace_ids_and_never_hold_secrets(make_client: 
     for secret in (ADMIN, pg_password, redis_password):
         assert secret not in text
     lines = [orjson.loads(line) for line in text.splitlines()]
-    startup = [e for e in lines if e["event"] == "startup"]
-    assert len(startup) == 2
+    assert len([e for e in lines if e["event"] == "startup"]) == 2
+    startup = [e for e in lines if e["event"] == "settings"]
+    assert len(startup) == 2 and all(e["level"] == "debug" for e in startup)
     st = startup[0]["settings"]
     assert st["server"]["admin_token"] == "set"
     assert st["postgres"]["url"].startswith("postgresql://postgres:***@")
@@ -494,3 +497,30 @@ async def test_head_sampling_skips_sampled_out_requests_but_honours_a_callers_tr
     spans = list(exp.get_finished_spans())
     assert spans and {format(sp.context.trace_id, "032x") for sp in spans} == {TRACE_ID}
     assert by_name(spans, "cache.origin") and db_spans(spans)
+
+
+def test_text_logs_for_a_terminal_demote_third_party_noise_and_hold_no_secrets() -> None:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        for level in (logging.INFO, logging.DEBUG):
+            buf = io.StringIO()
+            logs.setup_logging(level, buf, fmt="text")
+            logs.register_secret(ADMIN)
+            logging.getLogger("service.app").info("listening, token %s, db postgresql://u:pw-secret-1@h/x", ADMIN)
+            logging.getLogger("pgserver").info("Running commandline: initdb ...")
+            out = buf.getvalue()
+            assert "INFO    listening, token ***, db postgresql://u:***@h/x" in out
+            assert ADMIN not in out and "pw-secret-1" not in out and not out.lstrip().startswith("{")
+            if level == logging.INFO:
+                assert "initdb" not in out
+            else:
+                assert "DEBUG   pgserver: Running commandline: initdb" in out
+        assert logs.default_format(io.StringIO()) == "json"  # not a terminal
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        logging.captureWarnings(False)

@@ -324,8 +324,8 @@ async def test_sigterm_drains_in_flight_requests(pg, pg_dsn, redis_url, redis_cl
 
             async def blocked() -> bool:
                 n = await pg.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%SLOW%'"
-                    " OR (wait_event_type = 'Lock' AND query LIKE '%exchange_rates%')"
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"  # not other sessions'
+                    " AND wait_event_type = 'Lock' AND (query LIKE '%SLOW%' OR query LIKE '%exchange_rates%')"
                 )
                 return n >= 1
 

@@ -6,6 +6,7 @@ tests/test_store_contract.py."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import pytest
 import redis.asyncio as aioredis
@@ -85,7 +86,7 @@ async def test_pool_bounded_by_max_connections_and_acquire_timeout(redis_url, re
 
 
 async def test_min_idle_idle_timeout_and_max_lifetime_take_effect(redis_url, redis_client):
-    name = "aframp-pool-test"
+    name = f"aframp-pool-test-{secrets.token_hex(4)}"  # CLIENT LIST shows every session's clients
     pool = make_pool(redis_url, min_idle=3, idle_timeout=0.2, max_lifetime=0.5, client_name=name)
 
     async def clients() -> int:
