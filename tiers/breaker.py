@@ -80,6 +80,8 @@ class Breaker:
         self.probe_in_flight = False
 
     def success(self) -> None:
+        if self.state is State.OPEN:
+            return  # a call let through before the breaker opened: it says nothing of the failures since
         self.failures = 0
         self.probe_in_flight = False
         if self.state is not State.CLOSED:
