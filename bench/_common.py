@@ -247,7 +247,7 @@ async def prepare_postgres() -> str:
     try:
         await postgres.migrate(pool)
         async with pool.acquire() as conn:
-            await conn.execute("TRUNCATE exchange_rates, fee_structures")
+            await conn.execute("TRUNCATE exchange_rates, fee_structures, cache_outbox")
     finally:
         await pool.close()
     return dsn

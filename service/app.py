@@ -315,6 +315,12 @@ async def coherence_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         for task in tasks:
             await cancel_and_wait(task)
+        # every request has finished: the rows of settled writes go now, not with the next instance's sweep
+        try:
+            async with asyncio.timeout(2.0):
+                await coherence.flush_settled()
+        except TimeoutError:
+            log.info("outbox rows left to the sweep (Postgres slow at shutdown)", extra={"event": "outbox_postponed"})
 
 
 async def _check_eviction_policy(store: RedisStore) -> None:

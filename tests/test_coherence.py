@@ -394,6 +394,16 @@ async def test_a_settled_write_leaves_no_outbox_row(make_client, settings_factor
     assert a.app[K.COHERENCE].outbox_applied == 0  # deleted by its writer, never applied by a sweep
 
 
+async def test_settled_rows_are_deleted_at_shutdown_not_left_to_the_next_sweep(make_client, settings_factory, pg):
+    """Found by the cost benchmark: rows of settled writes waited for the next sweep, so after a stop the next
+    instance took them for commits nobody answered for and invalidated those keys once more."""
+    a = await make_client(settings_factory(coherence={"outbox_sweep": 3600.0}))  # no sweep runs during the test
+    assert (await a.put("/v1/rates/CNGN/USD", json={"rate": "0.00067"}, headers=AUTH)).status == 200
+    assert await pg.fetchval("SELECT count(*) FROM cache_outbox") == 1  # settled, not yet deleted
+    await a.close()  # the instance stops
+    assert await pg.fetchval("SELECT count(*) FROM cache_outbox") == 0
+
+
 # ---------------------------------------------------------------- finding 3: Redis restored from a snapshot
 
 
