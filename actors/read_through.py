@@ -237,8 +237,14 @@ class ReadThrough:
         if refused:
             self.stats.inc(dt, "fills_rejected")
         else:
-            entry = self._entry(body, loaded_at, ttl, loaded_at + ttl, short, gens, incarnation)
-            if not self.l1.install(ticket, entry):
+            # Redis could not be asked (breaker open, an error): nothing tells whether a write was fenced when the
+            # origin was read — its message may have come before this load's ticket — so this copy lives in L1 no
+            # longer than L1's bound after the fetch began, whatever the bus' lease says (tiers.coherence, rule 4)
+            life = ttl
+            if acq is None and self.coherence.store is not None:
+                life = min(ttl, ticket.fetched + self.l1.bound - self.l1.clock())
+            entry = self._entry(body, loaded_at, life, loaded_at + ttl, short, gens, incarnation)
+            if life <= 0 or not self.l1.install(ticket, entry):
                 self.stats.inc(dt, "fills_rejected")
         vouched = stored is not None or self.coherence.store is None  # Redis accepted it, or there is no Redis
         return Lookup(body, Source.MISS, loaded_at, gens, incarnation, vouched)

@@ -72,7 +72,7 @@ from bench.consistency_report import (
     percentile,
     stale_reads,
 )
-from tests.horizon_standin import HorizonStandin, credit
+from testsupport.horizon_standin import HorizonStandin, credit
 
 BOUND_S = 0.100
 ALLOWED_5XX = {502, 503, 504}

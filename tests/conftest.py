@@ -61,7 +61,7 @@ def pg_admin_dsn(session_dir: Path) -> Any:
     elif _port_open("127.0.0.1", 5432) and not os.environ.get("AFRAMP_TEST_EMBEDDED"):
         yield "postgresql://postgres@127.0.0.1:5432/postgres"
     else:
-        from tests.pg_server import PgServer
+        from testsupport.pg_server import PgServer
 
         server = PgServer(session_dir / "pg")
         yield server.start()
@@ -115,7 +115,7 @@ def redis_url(session_dir: Path) -> Any:
         with DbClaim("127.0.0.1", 6379, os.environ.get("TEST_REDIS_DB")) as db:
             yield f"redis://127.0.0.1:6379/{db}"
     else:
-        from tests.redis_server import RedisServer
+        from testsupport.redis_server import RedisServer
 
         server = RedisServer(session_dir / "redis")
         asyncio.run(server.start())
@@ -229,8 +229,8 @@ async def _seed(pg: asyncpg.Connection) -> None:
 
 @pytest.fixture
 async def horizon() -> AsyncIterator[Any]:
-    """A Horizon stand-in (tests/horizon_standin.py) on a random local port."""
-    from tests.horizon_standin import HorizonStandin
+    """A Horizon stand-in (testsupport/horizon_standin.py) on a random local port."""
+    from testsupport.horizon_standin import HorizonStandin
 
     standin = HorizonStandin()
     await standin.start()

@@ -117,6 +117,7 @@ class FakeStore:
         self.latency: Callable[[], float] = lambda: 0.0  # delivery delay of this instance's subscriptions
         self.drop: Callable[[Message], bool] = lambda _m: False  # True: this message never reaches this instance
         self.cut = False  # partitioned from Redis: calls fail, the subscription delivers nothing until it heals
+        self.calls_fail = False  # only the request path fails (a full pool, an open breaker): the subscription lives
 
     @property
     def incarnation(self) -> str:
@@ -124,7 +125,7 @@ class FakeStore:
 
     def _call(self) -> FakeRedis:
         s = self.server
-        if s.down or self.cut:
+        if s.down or self.cut or self.calls_fail:
             raise CacheUnavailable("fake redis: down" if s.down else "fake redis: unreachable from this instance")
         s.calls += 1
         if self._connected_to != s.incarnation:  # a (re)connection: the handshake reads the run id

@@ -350,6 +350,39 @@ async def test_a_fence_lost_mid_write_is_made_good_before_the_answer(restore):
             await x.stop()
 
 
+async def test_a_load_that_could_not_ask_redis_lives_in_l1_no_longer_than_the_bound():
+    """Found by the extended checker (silent-subscriber, snapshot-restart) and then by the simulation: B's requests
+    to Redis failed (breaker open) while its bus still heard A's fence message; B's next read went to the origin
+    before A's commit and installed the old row in L1, where the renewed lease kept it for seconds."""
+    server = FakeRedis()
+    gate = Gate()
+    gate.gate.set()
+    a, b = instance(server, gate, "a"), instance(server, gate, "b")
+    for x in (a, b):
+        await x.start()
+    try:
+        r = rate("A", "B")
+        assert (await b.get(r)).body == b'{"rate":"1"}'
+        # B's request path cannot reach Redis (its breaker is open); its subscriber still can
+        b.coherence.store.calls_fail = True  # type: ignore[union-attr]
+        async with a.coherence.write([r]):
+            b.coherence._apply((r.rendered,), (), sent=False)  # the bus delivers A's message to B
+            during = await b.get(r)  # from the origin, before the commit: nothing tells B a write is fenced
+            assert during.body == b'{"rate":"1"}'
+            gate.value = b'{"rate":"2"}'  # the commit
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
+
+        async def b_serves_the_write() -> bool:
+            return (await b.get(r)).body == b'{"rate":"2"}'
+
+        await eventually(b_serves_the_write, timeout=2)  # b's lease never lapses in this test: only the cap ends it
+        assert loop.time() - answered <= b.l1.bound + 0.05
+    finally:
+        for x in (a, b):
+            await x.stop()
+
+
 async def test_a_new_redis_incarnation_empties_l1_and_ignores_restored_values():
     server = FakeRedis()
     gate = Gate()

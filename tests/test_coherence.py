@@ -21,8 +21,8 @@ import pytest
 from actors.rates import convert
 from service import appkeys as K
 from tests.conftest import AUTH, eventually, kill_own_pubsub_connections
-from tests.redis_server import RedisServer
-from tests.tcp_proxy import TcpProxy
+from testsupport.redis_server import RedisServer
+from testsupport.tcp_proxy import TcpProxy
 from tiers import codec, keys
 from tiers.keys import DataType
 

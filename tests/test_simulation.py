@@ -261,7 +261,7 @@ async def run_schedule(seed: int, *, broken: str = "") -> Schedule:
     events: list[tuple[float, Callable[[], None]]] = []
     at = lambda lo, hi: rng.uniform(lo, hi) * horizon  # noqa: E731
 
-    for fault in ("kill", "stall", "drop", "partition", "restart", "restore"):
+    for fault in ("kill", "stall", "drop", "partition", "calls-fail", "restart", "restore"):
         if rng.random() >= 0.2:
             continue
         sch.faults.append(fault)
@@ -311,6 +311,14 @@ async def run_schedule(seed: int, *, broken: str = "") -> Schedule:
                 loop.call_later(length, heal)
 
             events.append((t0, cut))
+        elif fault == "calls-fail":  # its requests to Redis fail (breaker open, pool exhausted); its bus still hears
+            t0, length = at(0, 0.8), rng.uniform(0.05, 1.0)
+
+            def fail(v: Instance = victim, length: float = length) -> None:
+                v.store.calls_fail = True
+                loop.call_later(length, lambda: setattr(v.store, "calls_fail", False))
+
+            events.append((t0, fail))
         elif fault == "restart":
             events.append((at(0, 1), lambda: server.restart()))
         elif fault == "restore":
@@ -433,7 +441,7 @@ def test_the_protocol_holds_on_thousands_of_random_schedules() -> None:
     print(f"\n{len(runs)} schedules, {reads} reads, {acks} acknowledged writes, faults drawn: {sorted(faults)}")
     assert not bad, "\n".join(f"seed {s.seed} ({', '.join(s.faults) or 'no fault'}): {s.violations[:3]}" for s in bad)
     if len(runs) >= 200:  # the draw covers every fault, and writes were refused and acknowledged
-        assert faults == {"kill", "stall", "drop", "partition", "restart", "restore", "late-commit"}
+        assert faults == {"kill", "stall", "drop", "partition", "calls-fail", "restart", "restore", "late-commit"}
         assert acks > len(runs) and sum(s.refused for s in runs) > 0
 
 

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.redis_server import free_port
+from testsupport.redis_server import free_port
 
 
 class PgServer:
