@@ -276,6 +276,17 @@ class Cluster:
                 inst._log.close()
                 inst._log = None
 
+    async def kill9(self, index: int) -> int | None:
+        """SIGKILL (a crash: no shutdown step runs). Returns the exit code."""
+        inst = self.instances[index]
+        if inst.proc is not None and inst.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                inst.proc.kill()
+        if inst._log is not None:
+            inst._log.write(b"--- bench/cluster: SIGKILL (fault injection)\n")
+            inst._log.flush()
+        return await self.stop_instance(index, grace=5.0)
+
     async def restart(self, index: int, grace: float | None = None) -> None:
         await self.stop_instance(index, grace)
         self._spawn(self.instances[index])
