@@ -244,7 +244,9 @@ class Fault:
     own_redis: ClassVar[bool] = False
     writers: ClassVar[int] = 1  # writes per burst, each through another instance
 
-    def __init__(self, workdir: Path, redis_url: str) -> None:
+    def __init__(self, workdir: Path, redis_url: str, *, own_redis: bool | None = None) -> None:
+        if own_redis is not None:
+            self.own_redis = own_redis  # type: ignore[misc]  # e.g. no fault, on a redis-server of its own
         self.workdir = workdir
         self.redis_url = redis_url  # the Redis the scan reads (and the instances use unless proxied)
         self.server: RedisServer | None = None
@@ -287,7 +289,7 @@ class SnapshotRestart(Fault):
 
     name = "snapshot-restart"
     own_redis = True
-    after_snapshot = 3.0  # seconds of writes between the snapshot and the crash
+    after_snapshot = 3.0  # seconds of writes between the snapshot and the crash (at most a tenth of the load)
 
     async def run(self, checker: Checker) -> None:
         assert self.server is not None
@@ -307,7 +309,8 @@ class SnapshotRestart(Fault):
                 await client.aclose()
             self.note(checker, "BGSAVE done", status=status, changes_saved=before)
             writes_before = checker.acked_writes()
-            await asyncio.sleep(self.after_snapshot)  # writes go on: the snapshot now holds superseded values
+            # writes go on: the snapshot now holds superseded values
+            await asyncio.sleep(min(self.after_snapshot, checker.duration / 10))
             self.server.kill9()
             self.note(checker, "redis kill -9", acked_writes_since_snapshot=checker.acked_writes() - writes_before)
             await self.server.start()
@@ -321,10 +324,10 @@ class WriterCut(Fault):
 
     name = "writer-cut"
     own_redis = True
-    cut_for = 4.0
+    cut_for = 4.0  # at most 15 % of the load
 
-    def __init__(self, workdir: Path, redis_url: str) -> None:
-        super().__init__(workdir, redis_url)
+    def __init__(self, workdir: Path, redis_url: str, *, own_redis: bool | None = None) -> None:
+        super().__init__(workdir, redis_url, own_redis=own_redis)
         self.proxy: TcpProxy | None = None
         self.cut_at: float | None = None
         self.killed_at: float | None = None
@@ -344,7 +347,8 @@ class WriterCut(Fault):
         await self.proxy.down()
         self.cut_at = checker.now()
         self.note(checker, "writer 0 cut from redis (proxy down)")
-        await asyncio.sleep(self.cut_for)  # writes go on through the cut writer: each must answer 503
+        # writes go on through the cut writer: each must answer 503
+        await asyncio.sleep(min(self.cut_for, checker.duration * 0.15))
         self.killed_at = checker.now()
         checker.down.add(0)
         checker.writer = 1
@@ -384,10 +388,10 @@ class SilentSubscriber(Fault):
 
     name = "silent-subscriber"
     own_redis = True
-    silent_for = 5.0
+    silent_for = 5.0  # at most 15 % of the load, each time
 
-    def __init__(self, workdir: Path, redis_url: str) -> None:
-        super().__init__(workdir, redis_url)
+    def __init__(self, workdir: Path, redis_url: str, *, own_redis: bool | None = None) -> None:
+        super().__init__(workdir, redis_url, own_redis=own_redis)
         self.proxy: TcpProxy | None = None
         self.windows: list[tuple[float, float]] = []
 
@@ -407,7 +411,7 @@ class SilentSubscriber(Fault):
             self.proxy.blackhole()
             start = checker.now()
             self.note(checker, f"instance {len(checker.urls) - 1}'s redis connections black-holed")
-            await asyncio.sleep(self.silent_for)
+            await asyncio.sleep(min(self.silent_for, checker.duration * 0.15))
             self.proxy.resume()
             self.windows.append((start, checker.now()))
             self.note(checker, "forwarding again")
