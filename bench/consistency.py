@@ -45,7 +45,7 @@ from bench.cluster import (
     kill_subscribers,
 )
 from bench.consistency_faults import FAULTS, CommitLog, Fault, committed_rates, result_ok, scan_redis
-from bench.consistency_report import NOT_FOUND, Read, Write, build_report
+from bench.consistency_report import NOT_FOUND, Read, Write, build_report, stale_reads
 
 DIGITS = 18  # the service accepts up to 18 fractional digits in a rate
 # conversion amounts: a small set, so conversions repeat and are cached (canonical forms: the service's key is the
@@ -320,9 +320,7 @@ class Checker:
             results = await asyncio.gather(*(one(k, i) for k, i in pending))
             for (k, i), v in zip(pending, results, strict=True):
                 self.final[(k, i)] = v
-            pending = [
-                (k, i) for (k, i) in pending if self.final[(k, i)] is None or self.final[(k, i)] < last.get(k, 0)
-            ]  # type: ignore[operator]
+            pending = [(k, i) for (k, i) in pending if (self.final[(k, i)] or NOT_FOUND) < last.get(k, 0)]
             if not pending or self.now() >= deadline:
                 break
             await asyncio.sleep(0.05)  # between polling rounds
@@ -384,7 +382,7 @@ class Checker:
                 drivers.append(self.fault.run(self))
             await asyncio.gather(*drivers)
             if tasks:  # every request has a timeout, so this ends
-                await asyncio.wait(set(tasks), timeout=self.timeout.total + 1)
+                await asyncio.wait(set(tasks), timeout=(self.timeout.total or 2.0) + 1)
             load_end = self.now()
             self.log(f"load done at {load_end:.1f} s; settling (up to {self.settle:g} s)")
             await self._settle(rh)
@@ -437,6 +435,8 @@ class Checker:
         report["bad_results"] = bad
         if bad:
             failures.append(f"{bad} conversion(s) answered a result that is not amount x rate")
+        if self.fault is not None and hasattr(self.fault, "restored"):
+            self.scans += self.fault.restored  # the scans right after each restart count too
         periodic = [sc for sc in self.scans if "error" not in sc]
         report["redis_scan"] = {
             "final": final_scan,
@@ -446,6 +446,7 @@ class Checker:
                 "discarded": sum(1 for sc in periodic if "discarded" in sc),
                 "values": sum(sc["values"] for sc in periodic),
                 "servable": sum(sc["servable"] for sc in periodic),
+                "not_judged": sum(sc.get("not_judged", 0) for sc in periodic),
                 "fenced_incarnation": sum(sc["fenced_incarnation"] for sc in periodic),
                 "fenced_generation": sum(sc["fenced_generation"] for sc in periodic),
                 "stale_fills": [e for sc in periodic for e in sc["stale_fills"]],
@@ -473,9 +474,12 @@ class Checker:
                 failures.append("acknowledged writes missing from the commit log, or reads of values never committed")
         if self.restart_noticed:
             report["restarts_noticed_s"] = [round(t, 3) for t in self.restart_noticed]
-            report["stale_after_restart"] = sum(
-                1 for w in report["stale"]["worst"] if any(w["sent_s"] >= t for t in self.restart_noticed)
-            )
+            first = min(self.restart_noticed)
+            after = [x for x in stale_reads(writes, reads) if x.read.sent >= first]
+            report["stale_after_restart"] = {
+                "count": len(after),
+                "beyond_bound": sum(1 for x in after if x.staleness > self.bound_s),
+            }
         if self.fault is not None:
             report["fault"] = self.fault.summary(self)
             failures += [f"{self.fault.name}: {f}" for f in report["fault"]["failures"]]
@@ -628,7 +632,12 @@ def format_report(rep: dict[str, Any]) -> str:
         f"{wr['acked']} acked in all)  status {wr['status']}"
         f"  skipped {rep['skipped']['writes']}",
         f"reads              {rd['total']} (+{rd['settle']} settle; {rd['judged']} judged)  status {rd['status']}"
-        f"  skipped {rep['skipped']['reads']}",
+        f"  skipped {rep['skipped']['reads']}"
+        + (
+            f" (+{rep['skipped']['reads_of_down_instances']} due to instances the fault killed)"
+            if rep["skipped"].get("reads_of_down_instances")
+            else ""
+        ),
         f"read latency       {_ms(rd['latency'])}; each pairxinstance read every {rep['sampling_interval_ms']} ms",
         "x-cache            "
         + "  ".join(f"{k} {v} ({_pct(v, rd['total'])})" for k, v in sorted(rd["x_cache"].items())),
@@ -667,7 +676,8 @@ def format_report(rep: dict[str, Any]) -> str:
             )
         lines.append(
             f"redis scans (load) {per.get('scans', 0)} ({len(per.get('errors', []))} failed, "
-            f"{per.get('discarded', 0)} discarded): {per.get('servable', 0)} servable values judged-or-not, "
+            f"{per.get('discarded', 0)} discarded): {per.get('servable', 0)} servable values "
+            f"({per.get('not_judged', 0)} not judged: a write of the pair in flight), "
             f"stale fills {len(per.get('stale_fills', []))}"
         )
         for e in (fin.get("stale_fills", []) + per.get("stale_fills", []))[:10]:
@@ -698,9 +708,7 @@ def format_report(rep: dict[str, Any]) -> str:
             if k not in ("name", "events", "failures"):
                 lines.append(f"  {k}: {v}")
         if "stale_after_restart" in rep:
-            lines.append(
-                f"  stale reads sent after a restart was noticed (of the 10 worst): {rep['stale_after_restart']}"
-            )
+            lines.append(f"  stale reads sent after the first restart: {rep['stale_after_restart']}")
     for fail in rep.get("failures", []):
         lines.append(f"FAILURE            {fail}")
     if rep.get("instance_exits"):

@@ -106,6 +106,7 @@ async def scan_redis(
         "servable": 0,
         "fenced_incarnation": 0,
         "fenced_generation": 0,
+        "fenced_superseded": 0,  # fenced values (either way) whose rate is not Postgres' committed one
         "malformed": 0,
         "not_judged": 0,
         "stale_fills": [],
@@ -143,17 +144,7 @@ async def scan_redis(
         if stored is None:
             out["malformed"] += 1
             continue
-        if stored.incarnation != inc:
-            out["fenced_incarnation"] += 1
-            continue
-        if kind == "convert" and stored.gens != gens.get(f"v1:rate:{base}:{quote}|g"):
-            out["fenced_generation"] += 1
-            continue
-        out["servable"] += 1
         pair = (base, quote)
-        if not judge(pair) or before.get(pair) != after.get(pair):
-            out["not_judged"] += 1
-            continue
         committed = after.get(pair)
         body = None if stored.negative else orjson.loads(stored.body)
         rate = None if body is None else body.get("rate")
@@ -161,6 +152,18 @@ async def scan_redis(
             served = None if rate is None else Decimal(str(rate))
         except InvalidOperation:
             served = None
+        fenced = "incarnation" if stored.incarnation != inc else None
+        if fenced is None and kind == "convert" and stored.gens != gens.get(f"v1:rate:{base}:{quote}|g"):
+            fenced = "generation"
+        if fenced is not None:
+            out[f"fenced_{fenced}"] += 1
+            if served != committed and before.get(pair) == committed:
+                out["fenced_superseded"] += 1
+            continue
+        out["servable"] += 1
+        if not judge(pair) or before.get(pair) != after.get(pair):
+            out["not_judged"] += 1
+            continue
         entry = {
             "at_s": out["at_s"],
             "key": key,
@@ -289,6 +292,12 @@ class SnapshotRestart(Fault):
 
     name = "snapshot-restart"
     own_redis = True
+    restored: list[dict[str, Any]]
+
+    async def start(self) -> None:
+        self.restored = []
+        await super().start()
+
     after_snapshot = 3.0  # seconds of writes between the snapshot and the crash (at most a tenth of the load)
 
     async def run(self, checker: Checker) -> None:
@@ -316,6 +325,26 @@ class SnapshotRestart(Fault):
             await self.server.start()
             checker.restart_noticed.append(checker.now())
             self.note(checker, "redis restarted from the snapshot (answers PING)")
+            scan = await checker._scan()  # what the snapshot brought back, before the instances replace it
+            if scan is not None and "error" not in scan:
+                self.restored.append(scan)
+                self.note(
+                    checker,
+                    "restored from the snapshot",
+                    values=scan["values"],
+                    fenced_by_incarnation=scan["fenced_incarnation"],
+                    of_them_superseded=scan["fenced_superseded"],
+                    servable=scan["servable"],
+                    stale_fills=len(scan["stale_fills"]),
+                )
+
+    def summary(self, checker: Checker) -> dict[str, Any]:
+        if self.restored and not any(sc["fenced_superseded"] for sc in self.restored):
+            self.note(checker, "note: no superseded value was restored from a snapshot (nothing was tested)")
+        return {
+            **super().summary(checker),
+            "restored_stale_fills": sum(len(sc["stale_fills"]) for sc in self.restored),
+        }
 
 
 class WriterCut(Fault):

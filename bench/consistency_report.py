@@ -109,7 +109,7 @@ def acked_by_key(writes: Iterable[Write]) -> dict[str, list[Write]]:
 
 def stale_reads(writes: Iterable[Write], reads: Iterable[Read]) -> list[StaleRead]:
     by_key = acked_by_key(writes)
-    acks = {k: [w.acked for w in ws] for k, ws in by_key.items()}
+    acks = {k: [w.acked for w in ws if w.acked is not None] for k, ws in by_key.items()}
     out: list[StaleRead] = []
     for r in reads:
         if r.version is None:
