@@ -3,9 +3,9 @@
 It writes rates through ONE instance (the first URL) and reads the same pairs through ALL instances, open-loop
 at fixed rates, then reports stale reads, convergence per write and the keys still stale at the end::
 
-    python bench/consistency.py                                   # starts a local 3-instance Cluster itself
-    python bench/consistency.py --urls http://a:8080,http://b:8080 --token $ADMIN_TOKEN
-    python bench/consistency.py --kill-subscribers-every 3        # CLIENT KILL TYPE pubsub every 3 s
+    python -m bench.consistency                                   # starts a local 3-instance Cluster itself
+    python -m bench.consistency --urls http://a:8080,http://b:8080 --token $ADMIN_TOKEN
+    python -m bench.consistency --kill-subscribers-every 3        # CLIENT KILL TYPE pubsub every 3 s
 
 Each write stores ``rate = "1.<18-digit version>"`` with a version that only grows per key (it starts from the
 wall clock in ms x 10^4, so it also grows across runs), so any read tells which write it reflects. Writes to one
