@@ -115,6 +115,7 @@ class Checker:
         database_url: str | None = None,
         scan_every: float = 5.0,
         writers: int | None = None,
+        rewrite_share: float = 0.0,
     ) -> None:
         if not urls:
             raise ValueError("at least one URL")
@@ -131,6 +132,7 @@ class Checker:
         self.database_url = database_url
         self.scan_every = scan_every
         self.writers = writers if writers is not None else (fault.writers if fault else 1)
+        self.rewrite_share = rewrite_share  # share of writes followed at once by a second write of the pair
         self.writer = 0  # the instance single writes go to (a fault may move it)
         self.down: set[int] = set()  # instances a fault killed: not read any more
         self.restart_noticed: list[float] = []
@@ -208,6 +210,20 @@ class Checker:
         if phase == "setup" and acked is None:
             raise SetupError(f"PUT {self.urls[via]}/v1/rates/{key} answered {status}")
         return w
+
+    async def _write_twice(self, http: aiohttp.ClientSession, key: str) -> None:
+        """A write, then at once (after its answer) another of the same pair: loads that began between the two —
+        the reads the first one's invalidation caused — race the second one (issue 12, finding 1)."""
+        self.busy[key] = self.busy.get(key, 0) + 1  # no other write of the pair in between
+        try:
+            first = await self._write(http, key)
+            if first.acked is not None:
+                await asyncio.sleep(self.rng.uniform(0.0, 0.01))  # let the first one's misses start
+                await self._write(http, key)
+        finally:
+            self.busy[key] -= 1
+            if not self.busy[key]:
+                del self.busy[key]
 
     async def _burst(self, http: aiohttp.ClientSession, key: str) -> None:
         """``writers`` PUTs to one pair at once, each through another instance (concurrent writes)."""
@@ -357,9 +373,12 @@ class Checker:
                 free = [k for k in self.keys if k not in self.busy and k not in self.poisoned]
                 if not free:
                     return None
+                key = self.rng.choice(free)
                 if self.writers > 1:
-                    return self._burst(wh, self.rng.choice(free))
-                return self._write(wh, self.rng.choice(free))
+                    return self._burst(wh, key)
+                if self.rewrite_share > 0 and self.rng.random() < self.rewrite_share:
+                    return self._write_twice(wh, key)
+                return self._write(wh, key)
 
             def fire_read(i: int) -> Awaitable[Any] | None:
                 # round-robin over (key, instance): each pair is read every keys x n / read_rate seconds, and
@@ -409,6 +428,7 @@ class Checker:
                     "duration_s": self.duration,
                     "write_rate": self.write_rate,
                     "writers": self.writers,
+                    "rewrite_share": self.rewrite_share,
                     "convert_share": self.convert_share,
                     "amounts": self.amounts,
                     "fault": self.fault.name if self.fault else "none",
@@ -454,8 +474,11 @@ class Checker:
             },
         }
         if final_scan is not None:
-            sf = len(final_scan.get("stale_fills", [])) + len(report["redis_scan"]["periodic"]["stale_fills"])
+            seen = final_scan.get("stale_fills", []) + report["redis_scan"]["periodic"]["stale_fills"]
+            # one stale value seen by several scans counts once: distinct (key, rate served)
+            sf = len({(e["key"], e["served_rate"]) for e in seen})
             report["stale_fills"] = sf
+            report["stale_fill_observations"] = len(seen)
             if sf:
                 failures.append(f"{sf} stale fill(s) in Redis")
             br = len(final_scan.get("bad_results", [])) + len(report["redis_scan"]["periodic"]["bad_results"])
@@ -685,7 +708,10 @@ def format_report(rep: dict[str, Any]) -> str:
                 f"  STALE FILL at {e['at_s']} s: {e['key']} serves rate {e['served_rate']}, "
                 f"committed {e['committed_rate']} (fresh {e['fresh']}, gens {e['gens']})"
             )
-        lines.append(f"stale fills        {rep.get('stale_fills', 0)}")
+        lines.append(
+            f"stale fills        {rep.get('stale_fills', 0)} distinct (key, rate) "
+            f"({rep.get('stale_fill_observations', 0)} observations over all scans)"
+        )
     if "seq_gaps" in rep:
         per_inst = {
             u: (st["seq_gaps"] if isinstance(st, dict) else st) for u, st in rep.get("instance_stats", {}).items()
@@ -788,6 +814,19 @@ def _parser() -> argparse.ArgumentParser:
         "--writers", type=int, help="PUTs per write burst, each through another instance (concurrent-writes: 3)"
     )
     p.add_argument("--key-prefix", default="CK", help="pair names: PREFIX0/USD … (default CK)")
+    p.add_argument(
+        "--rewrite-share",
+        type=float,
+        default=0.0,
+        help="share of writes followed at once (0-10 ms after the answer) by a second write of the same pair, so "
+        "that loads caused by the first race the second (default 0)",
+    )
+    p.add_argument(
+        "--tree",
+        type=Path,
+        help="local cluster: run the instances from this source tree (default: this repository); e.g. an older "
+        "revision exported with git archive, as a negative control",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     return p
 
@@ -814,6 +853,7 @@ async def _amain(args: argparse.Namespace) -> int:
         "scan_every": args.scan_every,
         "writers": args.writers,
         "key_prefix": args.key_prefix,
+        "rewrite_share": args.rewrite_share,
     }
     if args.urls:
         urls = [u.strip() for u in args.urls.split(",") if u.strip()]
@@ -846,6 +886,7 @@ async def _amain(args: argparse.Namespace) -> int:
                 env={"REDIS_CHANNEL": f"consistency-{os.getpid()}-{int(time.time())}"},
                 instance_env=fault.instance_env(args.instances),
                 name=f"consistency-{args.fault}",
+                **({"cwd": args.tree.resolve()} if args.tree else {}),
             )
             fault.cluster = cluster
             log(f"starting {args.instances} instances (logs in {cluster.out_dir}); fault {args.fault}")

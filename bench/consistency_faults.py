@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
@@ -78,6 +79,25 @@ async def committed_rates(dsn: str, pairs: Sequence[tuple[str, str]]) -> dict[tu
     return {(r["base"], r["quote"]): Decimal(r["rate"]) for r in rows}
 
 
+_V1_KINDS = {b"1": False, b"s": False, b"z": True, b"y": True}  # protocol v1's envelope: kind -> zlib
+
+
+def unpack_any(raw: bytes) -> tuple[codec.Stored, bool] | None:
+    """(the value, whether it is protocol v1's envelope ``<kind>|<fresh>|<loaded>|<body>``). A v1 value has neither
+    incarnation nor generations: v1 served whatever was present, so the scan treats it as servable (this lets the
+    checker run against a v1 tree, ``--tree``, as a negative control)."""
+    stored = codec.unpack(raw)
+    if stored is not None:
+        return stored, False
+    try:
+        kind, fresh, loaded, body = raw.split(b"|", 3)
+        if _V1_KINDS[kind]:
+            body = zlib.decompress(body)
+        return codec.Stored(body, int(fresh), int(loaded), kind in (b"s", b"y")), True
+    except (ValueError, KeyError, zlib.error):
+        return None
+
+
 def _parse_key(key: str) -> tuple[str, str | None, str, str] | None:
     """(kind, amount, base, quote) of ``v1:rate:B:Q`` / ``v1:rate:convert:A:B:Q``; None for anything else."""
     parts = key.split(":")
@@ -108,6 +128,7 @@ async def scan_redis(
         "fenced_generation": 0,
         "fenced_superseded": 0,  # fenced values (either way) whose rate is not Postgres' committed one
         "malformed": 0,
+        "v1_envelopes": 0,
         "not_judged": 0,
         "stale_fills": [],
         "bad_results": [],
@@ -140,10 +161,12 @@ async def scan_redis(
         if not isinstance(raw, bytes):
             continue  # expired or deleted between SCAN and MGET
         out["values"] += 1
-        stored = codec.unpack(raw)
-        if stored is None:
+        unpacked = unpack_any(raw)
+        if unpacked is None:
             out["malformed"] += 1
             continue
+        stored, v1 = unpacked
+        out["v1_envelopes"] += v1
         pair = (base, quote)
         committed = after.get(pair)
         body = None if stored.negative else orjson.loads(stored.body)
@@ -152,8 +175,8 @@ async def scan_redis(
             served = None if rate is None else Decimal(str(rate))
         except InvalidOperation:
             served = None
-        fenced = "incarnation" if stored.incarnation != inc else None
-        if fenced is None and kind == "convert" and stored.gens != gens.get(f"v1:rate:{base}:{quote}|g"):
+        fenced = "incarnation" if stored.incarnation != inc and not v1 else None
+        if fenced is None and not v1 and kind == "convert" and stored.gens != gens.get(f"v1:rate:{base}:{quote}|g"):
             fenced = "generation"
         if fenced is not None:
             out[f"fenced_{fenced}"] += 1
