@@ -450,6 +450,24 @@ class Checker:
                 "subscriber_kills": self.kills,
             },
         )
+        # for a post-mortem: the load's clock in wall time (instance logs are in wall time), and every write of the
+        # keys the worst stale reads were on
+        report["t0_wall"] = time.strftime("%H:%M:%S", time.localtime(time.time() - self.now())) + (
+            f".{int((time.time() - self.now()) % 1 * 1000):03d}"
+        )
+        stale_keys = {e["key"] for e in report["stale"]["worst"]}
+        report["writes_of_stale_keys"] = [
+            {
+                "key": w.key,
+                "version": w.version,
+                "via": self.urls[w.via],
+                "sent_s": round(w.sent, 4),
+                "acked_s": None if w.acked is None else round(w.acked, 4),
+                "status": w.status,
+            }
+            for w in writes
+            if w.key in stale_keys
+        ]
         failures: list[str] = []
         bad = sum(1 for r in self.reads if r.status == "200 bad-result")
         report["bad_results"] = bad

@@ -4,6 +4,7 @@ Postgres and Redis, started by bench/cluster.py: a stuck shutdown is SIGKILLed r
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -121,7 +122,11 @@ async def _run_fault(
                 scan_every=1.0,
             )
             async with asyncio.timeout(60):
-                return await checker.run()
+                rep = await checker.run()
+            dump = tmp_path / f"report-{name}.json"  # kept by pytest for a failure's post-mortem
+            dump.write_text(json.dumps(rep, indent=2, default=str))
+            print(f"report: {dump}; instance logs: {[str(i.log_path) for i in c.instances]}")
+            return rep
     finally:
         await fault.stop()
 
