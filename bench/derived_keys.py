@@ -18,7 +18,6 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from bench._cluster import Cluster
 from bench._common import (
     AUTH,
     REDIS_URL,
@@ -30,6 +29,7 @@ from bench._common import (
     seed_rates,
     summary,
 )
+from bench.cluster import for_benchmark
 
 PAIR = ("CNGN", "USD")
 META = ("amounts", "read_seconds", "redis_keys", "bytes_per_key", "approx_redis_bytes", "slowlog_max_ms")
@@ -53,7 +53,7 @@ async def run(smoke: bool, amounts: int, out: str) -> Result:
     await seed_rates(dsn, [PAIR])
     await flush_bench_redis()
     redis = aioredis.Redis.from_url(REDIS_URL)
-    async with Cluster(1, name="derived_keys", dsn=dsn) as cluster:
+    async with for_benchmark(1, name="derived_keys", dsn=dsn) as cluster:
         base = cluster.urls[0]
         put_url = f"{base}/v1/rates/{PAIR[0]}/{PAIR[1]}"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as s:

@@ -19,7 +19,6 @@ import time
 
 import aiohttp
 
-from bench._cluster import Cluster, free_port
 from bench._common import (
     OUT,
     ROOT,
@@ -32,6 +31,7 @@ from bench._common import (
     run_wrk,
     seed_rates,
 )
+from bench.cluster import for_benchmark, free_port
 
 PATH = "/v1/rates/CNGN/USD"
 
@@ -114,7 +114,7 @@ async def run(smoke: bool, duration: float, rounds: int, connections: int, varia
         ["server", "req/s (median)", "req/s (best)", "p50 ms", "p99 ms", "errors", "requests"],
     )
     res.meta.update(duration_s=duration, rounds=rounds, connections=connections, wrk_threads=1)
-    async with Cluster(1, name="http_hot", dsn=dsn) as cluster:
+    async with for_benchmark(1, name="http_hot", dsn=dsn) as cluster:
         url = cluster.urls[0] + PATH
         body, source = await warm(url)
         assert source == "L1", f"expected an L1 hit after warming, got {source}"
@@ -133,7 +133,7 @@ async def run(smoke: bool, duration: float, rounds: int, connections: int, varia
             ("service, asyncio loop (uvloop hidden)", {"PYTHONPATH": f"{ROOT / 'bench' / '_no_uvloop'}:{ROOT}"}, {}),
             ("service, access_log = true", {}, {"server": {"access_log": True}}),
         ]:
-            async with Cluster(1, name="http_hot-variant", dsn=dsn, env=env, overrides=over) as c:
+            async with for_benchmark(1, name="http_hot-variant", dsn=dsn, env=env, overrides=over) as c:
                 u = c.urls[0] + PATH
                 await warm(u)
                 runs = [run_wrk(u, duration=duration, connections=connections) for _ in range(max(1, rounds - 1))]

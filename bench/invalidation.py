@@ -17,7 +17,6 @@ import time
 import aiohttp
 import orjson
 
-from bench._cluster import Cluster
 from bench._common import (
     AUTH,
     Result,
@@ -29,6 +28,7 @@ from bench._common import (
     prepare_postgres,
     seed_rates,
 )
+from bench.cluster import for_benchmark
 
 PATH = "/v1/rates/CNGN/USD"
 
@@ -51,7 +51,7 @@ async def run(smoke: bool, writes: int, instances: int, out: str) -> Result:
     poll_rtt: list[float] = []
     polls = 0
     not_l1 = 0
-    async with Cluster(instances, name="invalidation", dsn=dsn) as cluster:
+    async with for_benchmark(instances, name="invalidation", dsn=dsn) as cluster:
         writer, peers = cluster.urls[0], cluster.urls[1:]
         sessions = [aiohttp.ClientSession() for _ in cluster.urls]
         try:

@@ -18,8 +18,8 @@ import time
 import aiohttp
 import numpy as np
 
-from bench._cluster import Cluster
 from bench._common import Result, flush_bench_redis, parser, prepare_postgres, ratio, seed_rates
+from bench.cluster import for_benchmark
 
 
 def ideal_loads(times: list[float], ttl: float) -> int:
@@ -78,7 +78,7 @@ async def run(
     log: list[tuple[float, int]] = []
     errors = 0
     try:
-        async with Cluster(
+        async with for_benchmark(
             instances, name="amplification", dsn=dsn, horizon_url=horizon.url, overrides=overrides
         ) as cluster:
             urls = cluster.urls

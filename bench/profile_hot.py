@@ -17,8 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
-from bench._cluster import Cluster
 from bench._common import OUT, bench_pairs, flush_bench_redis, prepare_postgres, run_wrk, seed_rates
+from bench.cluster import for_benchmark
 from bench.http_hot import warm
 
 
@@ -47,7 +47,7 @@ async def main_async(path: str, seconds: float, native: bool) -> None:
     dsn = await prepare_postgres()
     await seed_rates(dsn, bench_pairs(4))
     await flush_bench_redis()
-    async with Cluster(1, name="profile", dsn=dsn) as cluster:
+    async with for_benchmark(1, name="profile", dsn=dsn) as cluster:
         url = cluster.urls[0] + path
         await warm(url)
         load = threading.Thread(target=run_wrk, args=(url,), kwargs={"duration": seconds + 2, "connections": 32})

@@ -13,8 +13,8 @@ import asyncio
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 
-from bench._cluster import Cluster
 from bench._common import Result, bench_pairs, flush_bench_redis, parser, prepare_postgres, ratio, run_wrk, seed_rates
+from bench.cluster import for_benchmark
 from bench.http_hot import PATH, warm
 
 
@@ -37,7 +37,7 @@ async def run(smoke: bool, duration: float, rounds: int, connections: int, out: 
     await flush_bench_redis()
     one: list[dict] = []
     two: list[dict] = []
-    async with Cluster(2, name="scaling", dsn=dsn) as cluster:
+    async with for_benchmark(2, name="scaling", dsn=dsn) as cluster:
         urls = [u + PATH for u in cluster.urls]
         for u in urls:
             await warm(u)

@@ -14,8 +14,8 @@ import time
 
 import aiohttp
 
-from bench._cluster import Cluster
 from bench._common import Result, bench_pairs, flush_bench_redis, parser, prepare_postgres, seed_rates, summary
+from bench.cluster import for_benchmark
 
 
 async def storm(session: aiohttp.ClientSession, urls: list[str], path: str, n: int) -> tuple[list[float], dict]:
@@ -61,7 +61,7 @@ async def run(smoke: bool, requests: int, instances: int, out: str) -> Result:
         ["key", "requests", "origin loads", "no-coalescing baseline", "X-Cache", "p50 ms", "p99 ms", "max ms"],
     )
     try:
-        async with Cluster(instances, name="stampede", dsn=dsn, horizon_url=horizon.url) as cluster:
+        async with for_benchmark(instances, name="stampede", dsn=dsn, horizon_url=horizon.url) as cluster:
             conn = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as s:
                 # open the client's connections first (a burst of 1000 SYNs overflows the listen backlog and the

@@ -16,7 +16,6 @@ import aiohttp
 import asyncpg
 import orjson
 
-from bench._cluster import Cluster
 from bench._common import (
     AUTH,
     Result,
@@ -28,6 +27,7 @@ from bench._common import (
     seed_rates,
     summary,
 )
+from bench.cluster import for_benchmark
 
 UPSERT = """INSERT INTO exchange_rates (base, quote, rate, source, updated_at)
                VALUES ($1, $2, $3, $4, now())
@@ -46,7 +46,7 @@ async def run(smoke: bool, writes: int, out: str) -> Result:
     bare: list[float] = []
     rounds = 10 if writes >= 100 else 2
     per = max(1, writes // rounds)
-    async with Cluster(1, name="writes", dsn=dsn) as cluster:
+    async with for_benchmark(1, name="writes", dsn=dsn) as cluster:
         url = cluster.urls[0] + "/v1/rates/CNGN/USD"
         conn = await asyncpg.connect(dsn)
         async with aiohttp.ClientSession() as s:
