@@ -234,6 +234,9 @@ class ReadThrough:
         # anything derived from it.
         if source is None:
             gens = stored or ""
+        vouched = stored is not None or self.coherence.store is None  # Redis accepted it, or there is no Redis
+        if source is not None and not source.vouched:
+            vouched = False
         if refused:
             self.stats.inc(dt, "fills_rejected")
         else:
@@ -243,10 +246,13 @@ class ReadThrough:
             life = ttl
             if acq is None and self.coherence.store is not None:
                 life = min(ttl, ticket.fetched + self.l1.bound - self.l1.clock())
-            entry = self._entry(body, loaded_at, life, loaded_at + ttl, short, gens, incarnation)
+            if source is not None and not source.vouched:
+                # derived from a source value nothing vouches for (itself capped in L1 from ITS fetch): computed
+                # again from it on each read, never cached, or the cap would restart from this ticket
+                life = 0
+            entry = self._entry(body, loaded_at, life, loaded_at + ttl, short, gens, incarnation, vouched)
             if life <= 0 or not self.l1.install(ticket, entry):
                 self.stats.inc(dt, "fills_rejected")
-        vouched = stored is not None or self.coherence.store is None  # Redis accepted it, or there is no Redis
         return Lookup(body, Source.MISS, loaded_at, gens, incarnation, vouched)
 
     # ------------------------------------------------------------ helpers
@@ -270,6 +276,7 @@ class ReadThrough:
         short: bool,
         gens: str,
         incarnation: str,
+        vouched: bool = True,
     ) -> Entry:
         """An L1 entry; hot positive entries that will live until their logical expiry get a refresh time.
 
@@ -283,8 +290,17 @@ class ReadThrough:
             lead = remaining - self.policy.refresh_ahead * ttl
             if lead > 0:
                 refresh_at = self.l1.clock() + lead
-        hit = Lookup(body, Source.L1, loaded_at, gens, incarnation)
-        return Entry(body, loaded_at, lifetime, fresh_until=fresh_until, refresh_at=refresh_at, short=short, hit=hit)
+        hit = Lookup(body, Source.L1, loaded_at, gens, incarnation, vouched)
+        return Entry(
+            body,
+            loaded_at,
+            lifetime,
+            fresh_until=fresh_until,
+            refresh_at=refresh_at,
+            short=short,
+            unvouched=not vouched,
+            hit=hit,
+        )
 
     def _stale(self, key: CacheKey, stale: codec.Stored | None, now: float) -> Lookup | None:
         """Stale-if-error: the newest last-known value within max-stale, from Redis or this instance."""

@@ -43,6 +43,9 @@ class Entry:
     fresh_until: float = 0.0  # wall-clock logical expiry (for max-stale)
     refresh_at: float | None = None  # L1 clock from which a hit triggers a background refresh
     short: bool = False  # an absence (404, exists=false): never kept as a last-known value
+    # nothing vouched that the value was current when fetched (Redis could not be asked, or refused or could not take
+    # its fill): never kept as a last-known value (stale-if-error must not revive what a write it missed replaced)
+    unvouched: bool = False
     deps: tuple[str, ...] = ()  # the sources of a derived key (its own key is not listed)
     stamp: int = 0  # the logical clock of the ticket that installed it (checked against ``deps``)
     hit: Any = field(default=None, compare=False)  # the answer to return on a hit, built once by the owner
@@ -174,7 +177,7 @@ class L1:
             entry, ttl=min(entry.ttl, self.max_ttl), fetched=ticket.fetched, deps=ticket.deps, stamp=ticket.tick
         )
         self._cache[ticket.key] = entry
-        if not entry.short and not entry.negative:
+        if not entry.short and not entry.negative and not entry.unvouched:
             self._last[ticket.key] = entry
         return True
 
