@@ -62,7 +62,10 @@ band, after every message it had already queued for that connection.
    one) — whatever the failure, never longer than ``L`` after a write it missed. *Joining.* A reader that finds a
    load in flight for its key joins it (no Redis call) and takes its value if Redis accepted that value's fill
    (then no source was invalidated or fenced between the load's ``acquire`` and its fill) or if the load began at
-   most ``W`` before the reader arrived; otherwise it reads again alone. Together: ``L + W = B``.
+   most ``W`` before the reader arrived; otherwise it reads again alone. Together: ``L + W = B``. *Unvouched
+   values.* A value loaded when Redis could not be asked (breaker open, an error) may predate a commit whose fence
+   message came before its load began, so nothing vouches for it: it lives in L1 at most ``L`` after its fetch
+   began, is never kept as a last-known value (stale-if-error), and nothing derived from it is cached.
 5. *Epochs.* Every new subscriber session, every real gap in ``seq`` and every new Redis incarnation starts a new L1
    epoch: L1 and its last-known values are emptied and every ticket in flight is void.
 6. *Incarnation fence.* Every new Redis connection reads the server's ``run_id`` before its first command. Values
