@@ -106,13 +106,10 @@ class CacheActor(Actor):
             flight.joined += 1
             landed = await asyncio.shield(flight.future)  # joined: no Redis call, no mailbox hop
         else:
-            rt = self.read_through
-            ticket = rt.ticket(key)
-            token = secrets.token_hex(8)
-            first = await rt.first(key, ticket, token)
-            if isinstance(first, Lookup):
-                return first
-            landed = await self.ask(Load(key, Start(ticket, token, first)))
+            started = await self._first(key)
+            if isinstance(started, Lookup):
+                return started
+            landed = await self.ask(Load(key, started))
         if landed.lookup.vouched or arrived - landed.fetched <= self.coherence.config.join_window:
             return landed.lookup
         # This reader joined a load begun before it arrived, whose value nothing vouches for (read while a write was
@@ -121,13 +118,20 @@ class CacheActor(Actor):
         return await self._alone(key)
 
     async def _alone(self, key: CacheKey) -> Lookup:
+        started = await self._first(key)
+        if isinstance(started, Lookup):
+            return started
+        return await self.read_through.load(key, started, lambda: None)
+
+    async def _first(self, key: CacheKey) -> Lookup | Start:
+        """The miss' one Redis round trip, under a ticket taken before it: a fresh value, or how the load starts."""
         rt = self.read_through
         ticket = rt.ticket(key)
         token = secrets.token_hex(8)
         first = await rt.first(key, ticket, token)
         if isinstance(first, Lookup):
             return first
-        return await rt.load(key, Start(ticket, token, first), lambda: None)
+        return Start(ticket, token, first)
 
     async def warm(self, keys_: list[CacheKey], concurrency: int = 8) -> int:
         """Read ``keys_`` through the normal path (so warming is coherent and single-flight); returns how many
