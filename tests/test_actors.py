@@ -146,6 +146,20 @@ async def fake():
     await actor.stop()
 
 
+@pytest.fixture
+async def pair():
+    """Two instances on one fake shared tier and one open origin, started, stopped after the test."""
+    server = FakeRedis()
+    gate = Gate()
+    gate.gate.set()
+    a, b = instance(server, gate, "a"), instance(server, gate, "b")
+    for x in (a, b):
+        await x.start()
+    yield server, gate, a, b
+    for x in (a, b):
+        await x.stop()
+
+
 async def test_single_flight_and_l1_hit_without_mailbox(fake):
     actor, gate = fake
     key = rate("A", "B")
@@ -203,91 +217,64 @@ async def test_origin_failure_goes_to_every_waiter_and_is_not_cached(fake):
     assert (await actor.get(key)).source is Source.MISS
 
 
-async def test_two_instances_one_origin_load_and_a_stale_rate_copy_cannot_fill_a_conversion():
+async def test_two_instances_one_origin_load_and_a_stale_rate_copy_cannot_fill_a_conversion(pair):
     """Finding 1 on the fake shared tier: B's L1 still holds the old rate when A's write is acknowledged; B's
     conversion from it is answered (B has not heard of the write yet) but never reaches Redis."""
-    server = FakeRedis()
-    gate = Gate()
-    gate.gate.set()
-    a, b = instance(server, gate, "a"), instance(server, gate, "b")
-    for x in (a, b):
-        await x.start()
-    try:
-        r = rate("A", "B")
-        assert (await a.get(r)).source is Source.MISS
-        assert (await b.get(r)).source is Source.L2  # one origin load for the fleet
-        assert gate.loads == 1
-        async with a.coherence.write([r]):  # A's write: fenced, bumped, published (B's bus is not running)
-            gate.value = b'{"rate":"2"}'
-        conv = keys.conversion("10", "A", "B")
-        stale = await b.get(conv)
-        assert stale.body == b'{"from":{"rate":"1"}}'  # from B's L1 copy, within B's bus bound
-        assert b.stats.get(DataType.EXCHANGE_RATE, "fills_rejected") == 1
-        fresh = await a.get(conv)  # A reads Redis: nothing stale was filled
-        assert fresh.source is Source.MISS and fresh.body == b'{"from":{"rate":"2"}}'
-    finally:
-        for x in (a, b):
-            await x.stop()
+    _server, gate, a, b = pair
+    r = rate("A", "B")
+    assert (await a.get(r)).source is Source.MISS
+    assert (await b.get(r)).source is Source.L2  # one origin load for the fleet
+    assert gate.loads == 1
+    async with a.coherence.write([r]):  # A's write: fenced, bumped, published (B's bus is not running)
+        gate.value = b'{"rate":"2"}'
+    conv = keys.conversion("10", "A", "B")
+    stale = await b.get(conv)
+    assert stale.body == b'{"from":{"rate":"1"}}'  # from B's L1 copy, within B's bus bound
+    assert b.stats.get(DataType.EXCHANGE_RATE, "fills_rejected") == 1
+    fresh = await a.get(conv)  # A reads Redis: nothing stale was filled
+    assert fresh.source is Source.MISS and fresh.body == b'{"from":{"rate":"2"}}'
 
 
-async def test_a_load_during_a_write_fence_neither_fills_nor_installs():
-    server = FakeRedis()
-    gate = Gate()
-    gate.gate.set()
-    a, b = instance(server, gate, "a"), instance(server, gate, "b")
-    for x in (a, b):
-        await x.start()
-    try:
-        r = rate("A", "B")
-        async with a.coherence.write([r]):  # between the fence and the commit ...
-            during = await b.get(r)  # ... B reads the old row from the origin
-            assert during.source is Source.MISS
-            gate.value = b'{"rate":"2"}'  # the commit
-        assert b.l1.get(r.rendered) is None  # not installed
-        assert (await b.get(r)).body == b'{"rate":"2"}'
-    finally:
-        for x in (a, b):
-            await x.stop()
+async def test_a_load_during_a_write_fence_neither_fills_nor_installs(pair):
+    _server, gate, a, b = pair
+    r = rate("A", "B")
+    async with a.coherence.write([r]):  # between the fence and the commit ...
+        during = await b.get(r)  # ... B reads the old row from the origin
+        assert during.source is Source.MISS
+        gate.value = b'{"rate":"2"}'  # the commit
+    assert b.l1.get(r.rendered) is None  # not installed
+    assert (await b.get(r)).body == b'{"rate":"2"}'
 
 
-async def test_a_rate_read_during_a_write_fence_cannot_vouch_for_a_conversion():
+async def test_a_rate_read_during_a_write_fence_cannot_vouch_for_a_conversion(pair):
     """Found by the stale-fill scan: a rate read while its write is fenced may predate the commit; a conversion
     computed from it must not be filled after the fence is lifted."""
-    server = FakeRedis()
-    gate = Gate()
-    gate.gate.set()
-    a, b = instance(server, gate, "a"), instance(server, gate, "b")
-    for x in (a, b):
-        await x.start()
-    try:
-        r, conv = rate("A", "B"), keys.conversion("10", "A", "B")
-        entered, read_rate, computed, fill_conv = (asyncio.Event() for _ in range(4))
-        real_origin = b.origin
+    server, gate, a, b = pair
+    r, conv = rate("A", "B"), keys.conversion("10", "A", "B")
+    entered, read_rate, computed, fill_conv = (asyncio.Event() for _ in range(4))
+    real_origin = b.origin
 
-        async def slow_conversion(key):  # B took the conversion's lease before the write began ...
-            if key.namespace is Namespace.CONVERSION:
-                entered.set()
-                await read_rate.wait()  # ... reads the rate while the write is fenced ...
-                answer = await real_origin(key)
-                computed.set()
-                await fill_conv.wait()  # ... and fills after the fence is lifted
-                return answer
-            return await real_origin(key)
+    async def slow_conversion(key):  # B took the conversion's lease before the write began ...
+        if key.namespace is Namespace.CONVERSION:
+            entered.set()
+            await read_rate.wait()  # ... reads the rate while the write is fenced ...
+            answer = await real_origin(key)
+            computed.set()
+            await fill_conv.wait()  # ... and fills after the fence is lifted
+            return answer
+        return await real_origin(key)
 
-        b.read_through.origin = slow_conversion
-        reader = asyncio.create_task(b.get(conv))
-        await entered.wait()
-        async with a.coherence.write([r]):
-            read_rate.set()
-            await computed.wait()  # B's rate came from the origin before the commit
-            gate.value = b'{"rate":"2"}'  # the commit
-        fill_conv.set()
-        assert (await reader).body == b'{"from":{"rate":"1"}}'
-        assert await FakeStore(server).read(conv.rendered, (r.rendered,)) is None  # nothing servable was filled
-        assert (await a.get(conv)).body == b'{"from":{"rate":"2"}}'
-    finally:
-        for x in (a, b):
-            await x.stop()
+    b.read_through.origin = slow_conversion
+    reader = asyncio.create_task(b.get(conv))
+    await entered.wait()
+    async with a.coherence.write([r]):
+        read_rate.set()
+        await computed.wait()  # B's rate came from the origin before the commit
+        gate.value = b'{"rate":"2"}'  # the commit
+    fill_conv.set()
+    assert (await reader).body == b'{"from":{"rate":"1"}}'
+    assert await FakeStore(server).read(conv.rendered, (r.rendered,)) is None  # nothing servable was filled
+    assert (await a.get(conv)).body == b'{"from":{"rate":"2"}}'
 
 
 async def test_a_lease_handed_to_a_waiting_load_fills_under_the_offerers_token():
@@ -318,69 +305,51 @@ async def test_a_lease_handed_to_a_waiting_load_fills_under_the_offerers_token()
 
 
 @pytest.mark.parametrize("restore", [True, False])
-async def test_a_fence_lost_mid_write_is_made_good_before_the_answer(restore):
+async def test_a_fence_lost_mid_write_is_made_good_before_the_answer(restore, pair):
     """Found by the simulation (seed 123): Redis restarted (from an older snapshot, or empty) between a write's fence
     and its commit; a peer then loaded the row as it was before the commit and filled it, and nothing invalidated it
     again: every instance served the old rate until its TTL. The writer now sees that its fence did not hold and
     invalidates again before it answers."""
-    server = FakeRedis()
-    gate = Gate()
-    gate.gate.set()
-    a, b = instance(server, gate, "a"), instance(server, gate, "b")
-    for x in (a, b):
-        await x.start()
-    try:
-        r = rate("A", "B")
-        assert (await b.get(r)).body == b'{"rate":"1"}'
-        before = server.snapshot()
-        async with a.coherence.write([r]):
-            server.restart(before if restore else None)  # the fence and the bump are gone
-            during = await b.get(r)  # B reads the row before the commit and fills it: nothing fences it now
-            assert during.body == b'{"rate":"1"}'
-            gate.value = b'{"rate":"2"}'  # the commit
-        assert a.coherence.fences_lost == 1
-        assert await FakeStore(server).read(r.rendered, (r.rendered,)) is None  # the pre-commit fill is gone
-        # (B's L1 hears of it through the bus, which these tests do not run; a reader elsewhere goes to Redis)
-        c = instance(server, gate, "c")
-        await c.start()
-        assert (await c.get(r)).body == b'{"rate":"2"}'
-        await c.stop()
-    finally:
-        for x in (a, b):
-            await x.stop()
+    server, gate, a, b = pair
+    r = rate("A", "B")
+    assert (await b.get(r)).body == b'{"rate":"1"}'
+    before = server.snapshot()
+    async with a.coherence.write([r]):
+        server.restart(before if restore else None)  # the fence and the bump are gone
+        during = await b.get(r)  # B reads the row before the commit and fills it: nothing fences it now
+        assert during.body == b'{"rate":"1"}'
+        gate.value = b'{"rate":"2"}'  # the commit
+    assert a.coherence.fences_lost == 1
+    assert await FakeStore(server).read(r.rendered, (r.rendered,)) is None  # the pre-commit fill is gone
+    # (B's L1 hears of it through the bus, which these tests do not run; a reader elsewhere goes to Redis)
+    c = instance(server, gate, "c")
+    await c.start()
+    assert (await c.get(r)).body == b'{"rate":"2"}'
+    await c.stop()
 
 
-async def test_a_load_that_could_not_ask_redis_lives_in_l1_no_longer_than_the_bound():
+async def test_a_load_that_could_not_ask_redis_lives_in_l1_no_longer_than_the_bound(pair):
     """Found by the extended checker (silent-subscriber, snapshot-restart) and then by the simulation: B's requests
     to Redis failed (breaker open) while its bus still heard A's fence message; B's next read went to the origin
     before A's commit and installed the old row in L1, where the renewed lease kept it for seconds."""
-    server = FakeRedis()
-    gate = Gate()
-    gate.gate.set()
-    a, b = instance(server, gate, "a"), instance(server, gate, "b")
-    for x in (a, b):
-        await x.start()
-    try:
-        r = rate("A", "B")
-        assert (await b.get(r)).body == b'{"rate":"1"}'
-        # B's request path cannot reach Redis (its breaker is open); its subscriber still can
-        b.coherence.store.calls_fail = True  # type: ignore[union-attr]
-        async with a.coherence.write([r]):
-            b.coherence._apply((r.rendered,), (), sent=False)  # the bus delivers A's message to B
-            during = await b.get(r)  # from the origin, before the commit: nothing tells B a write is fenced
-            assert during.body == b'{"rate":"1"}'
-            gate.value = b'{"rate":"2"}'  # the commit
-        loop = asyncio.get_running_loop()
-        answered = loop.time()
+    _server, gate, a, b = pair
+    r = rate("A", "B")
+    assert (await b.get(r)).body == b'{"rate":"1"}'
+    # B's request path cannot reach Redis (its breaker is open); its subscriber still can
+    b.coherence.store.calls_fail = True  # type: ignore[union-attr]
+    async with a.coherence.write([r]):
+        b.coherence._apply((r.rendered,), (), sent=False)  # the bus delivers A's message to B
+        during = await b.get(r)  # from the origin, before the commit: nothing tells B a write is fenced
+        assert during.body == b'{"rate":"1"}'
+        gate.value = b'{"rate":"2"}'  # the commit
+    loop = asyncio.get_running_loop()
+    answered = loop.time()
 
-        async def b_serves_the_write() -> bool:
-            return (await b.get(r)).body == b'{"rate":"2"}'
+    async def b_serves_the_write() -> bool:
+        return (await b.get(r)).body == b'{"rate":"2"}'
 
-        await eventually(b_serves_the_write, timeout=2)  # b's lease never lapses in this test: only the cap ends it
-        assert loop.time() - answered <= b.l1.bound + 0.05
-    finally:
-        for x in (a, b):
-            await x.stop()
+    await eventually(b_serves_the_write, timeout=2)  # b's lease never lapses in this test: only the cap ends it
+    assert loop.time() - answered <= b.l1.bound + 0.05
 
 
 async def test_a_new_redis_incarnation_empties_l1_and_ignores_restored_values():
