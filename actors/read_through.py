@@ -234,9 +234,9 @@ class ReadThrough:
         # anything derived from it.
         if source is None:
             gens = stored or ""
-        vouched = stored is not None or self.coherence.store is None  # Redis accepted it, or there is no Redis
-        if source is not None and not source.vouched:
-            vouched = False
+        from_unvouched = source is not None and not source.vouched
+        # Redis accepted it (or there is no Redis), and it was not computed from a value nothing vouches for
+        vouched = (stored is not None or self.coherence.store is None) and not from_unvouched
         if refused:
             self.stats.inc(dt, "fills_rejected")
         else:
@@ -246,7 +246,7 @@ class ReadThrough:
             life = ttl
             if acq is None and self.coherence.store is not None:
                 life = min(ttl, ticket.fetched + self.l1.bound - self.l1.clock())
-            if source is not None and not source.vouched:
+            if from_unvouched:
                 # derived from a source value nothing vouches for (itself capped in L1 from ITS fetch): computed
                 # again from it on each read, never cached, or the cap would restart from this ticket
                 life = 0
